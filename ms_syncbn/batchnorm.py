@@ -1,0 +1,235 @@
+"""``SyncBatchNorm``: the layer. It owns parameters, running statistics and argument checks."""
+import numbers
+from typing import Optional
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+from ms_syncbn.comm import all_reduce_sum, resolve_group
+from ms_syncbn.kernels import kernels_for
+from ms_syncbn.sync_function import FrozenStatsNormalize, SyncBatchNormFunction
+
+_FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
+
+
+def _check_constructor_args(num_features, eps, momentum, affine, track_running_stats, dtype):
+    if isinstance(num_features, bool) or not isinstance(num_features, int):
+        raise TypeError(f"SyncBatchNorm: num_features must be an int, but got {num_features!r} "
+                        f"of type {type(num_features).__name__}.")
+    if num_features < 1:
+        raise ValueError(f"SyncBatchNorm: num_features must be at least 1, but got {num_features}.")
+    if not isinstance(eps, float):
+        raise TypeError(f"SyncBatchNorm: eps must be a float, but got {eps!r} of type "
+                        f"{type(eps).__name__}.")
+    if not eps > 0.0:
+        raise ValueError(f"SyncBatchNorm: eps must be positive, but got {eps}.")
+    if momentum is not None:
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+            raise TypeError(f"SyncBatchNorm: momentum must be a float or None, but got {momentum!r} "
+                            f"of type {type(momentum).__name__}.")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"SyncBatchNorm: momentum must be in range [0, 1], but got {momentum}.")
+    for name, value in (("affine", affine), ("track_running_stats", track_running_stats)):
+        if not isinstance(value, bool):
+            raise TypeError(f"SyncBatchNorm: {name} must be a bool, but got {value!r} of type "
+                            f"{type(value).__name__}.")
+    if dtype is not None and dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"SyncBatchNorm: dtype must be None or one of float16, bfloat16, float32, "
+                        f"float64, but got {dtype!r}.")
+
+
+class SyncBatchNorm(nn.Cell):
+    r"""
+    Batch normalization synchronized across the devices of a process group.
+
+    Normalizes an input of shape :math:`(N, C, *)` per channel with the mean and
+    variance of the whole group's batch, as in the paper `Batch Normalization:
+    Accelerating Deep Network Training by Reducing Internal Covariate Shift
+    <https://arxiv.org/abs/1502.03167>`_:
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    In plain text: ``y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta``, where
+    E[x] and Var[x] (the biased variance) are taken over N and every trailing
+    dimension of all ranks of `process_group`, and gamma (`weight`) and beta
+    (`bias`) are learned per channel.
+
+    In training, each rank contributes its local batch, which may differ in size
+    from the others' or be empty; every rank receives the same statistics. The
+    running statistics are updated with the unbiased variance of the whole
+    group's batch, ``running = (1 - momentum) * running + momentum * batch``, and
+    are identical on all ranks. In evaluation they normalize the input and
+    nothing is communicated. Without ``mindspore.communication.init()`` the
+    layer is a plain batch norm over the local batch.
+
+    Args:
+        num_features (int): C, the number of channels of an input of shape :math:`(N, C, *)`.
+        eps (float, optional): :math:`\epsilon`, added to the variance for numerical
+            stability. Default: ``1e-5``.
+        momentum (float, optional): Weight of the current batch in the running statistics,
+            in [0, 1]; ``None`` uses a cumulative moving average. Default: ``0.1``.
+        affine (bool, optional): Whether :math:`\gamma` and :math:`\beta` are learned
+            parameters; when ``False`` they are fixed to 1 and 0. Default: ``True``.
+        track_running_stats (bool, optional): Whether to keep running statistics. When
+            ``False``, batch statistics are used in training and in evaluation (in
+            evaluation over the local batch, without communication). Default: ``True``.
+        process_group (str, optional): Name of a group made by
+            ``mindspore.communication.create_group``; statistics are synchronized within
+            it. ``None`` synchronizes over all ranks. Default: ``None``.
+        dtype (mindspore.dtype, optional): Dtype of the parameters and running statistics.
+            ``None`` means float32. Default: ``None``.
+
+    Inputs:
+        - **x** (Tensor) - Shape :math:`(N, C, *)` with 2 to 5 dimensions in common use;
+          float16, bfloat16, float32 or float64. Statistics are accumulated in float32 or
+          better whatever the dtype.
+
+    Outputs:
+        Tensor of the same shape and dtype as `x`.
+
+    Raises:
+        TypeError: If `num_features` is not an int (a bool is not accepted).
+        TypeError: If `eps` is not a float.
+        TypeError: If `momentum` is neither a float nor None, or `affine` or
+            `track_running_stats` is not a bool, or `dtype` is not a floating dtype.
+        ValueError: If `num_features` is less than 1, or `eps` is not positive.
+        ValueError: If `momentum` is not in range [0, 1].
+        ValueError: If `process_group` does not exist or the current rank is not a member of it.
+        ValueError: At call time, if `x` has fewer than 2 dimensions or its dimension 1
+            is not `num_features`, or, in training, if the group's batch holds a single
+            value per channel.
+        TypeError: At call time, if `x` is not a floating-point tensor.
+
+    Supported Platforms:
+        ``Ascend`` ``CPU``
+
+    Examples:
+        >>> # train_syncbn.py -- run with:
+        >>> #   msrun --worker_num=2 --local_worker_num=2 --master_port=8975 \
+        >>> #         --log_dir=msrun_log --join=True train_syncbn.py
+        >>> import numpy as np
+        >>> import mindspore as ms
+        >>> from mindspore.communication import init, get_rank
+        >>> from ms_syncbn import SyncBatchNorm
+        >>> init()
+        >>> bn = SyncBatchNorm(num_features=2)
+        >>> bn.set_train(True)  # training mode: statistics of both ranks' batches
+        >>> x = ms.Tensor(np.random.default_rng(get_rank()).normal(size=(3, 2, 4, 4)), ms.float32)
+        >>> y = bn(x)
+        >>> print(y.shape)
+        (3, 2, 4, 4)
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 process_group: Optional[str] = None, dtype=None):
+        super().__init__()
+        _check_constructor_args(num_features, eps, momentum, affine, track_running_stats, dtype)
+        group = resolve_group(process_group)
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.process_group = process_group
+        self.group_size = 1 if group is None else group.size
+        self.param_dtype = ms.float32 if dtype is None else dtype
+
+        def filled(value, name, requires_grad):
+            data = Tensor(np.full((num_features,), value, np.float32), self.param_dtype)
+            return Parameter(data, name=name, requires_grad=requires_grad)
+
+        if affine:
+            self.weight = filled(1.0, "weight", True)
+            self.bias = filled(0.0, "bias", True)
+        else:
+            self.weight = None
+            self.bias = None
+        if track_running_stats:
+            self.running_mean = filled(0.0, "running_mean", False)
+            self.running_var = filled(1.0, "running_var", False)
+            self.num_batches_tracked = Parameter(Tensor(0, ms.int64), name="num_batches_tracked",
+                                                 requires_grad=False)
+        else:
+            self.running_mean = None
+            self.running_var = None
+            self.num_batches_tracked = None
+        # Centre of the shifted sums (see ms_syncbn.sync_function): the last group mean.
+        # Only ever set from all-reduced values, so it is identical on every rank.
+        self.stat_shift = Parameter(Tensor(np.zeros((num_features,), np.float32)),
+                                    name="stat_shift", requires_grad=False)
+        self._ones = Tensor(np.ones((num_features,), np.float32))
+        self._zeros = Tensor(np.zeros((num_features,), np.float32))
+
+        kernels = kernels_for(ms.get_context("device_target"))
+        all_reduce = None if group is None else all_reduce_sum(group)
+        self.group_stats = SyncBatchNormFunction(kernels, eps, all_reduce)
+        self.local_stats = SyncBatchNormFunction(kernels, eps, None)
+        self.frozen_stats = FrozenStatsNormalize(kernels)
+
+    def extend_repr(self):
+        return (f"num_features={self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"process_group={self.process_group}, group_size={self.group_size}")
+
+    def _check_input(self, x):
+        if x.ndim < 2:
+            raise ValueError(f"SyncBatchNorm: expected an input of shape (N, C, *) with at least "
+                             f"2 dimensions, but got shape {x.shape}.")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"SyncBatchNorm: expected {self.num_features} channels in dimension 1 "
+                             f"of the input (num_features), but got shape {x.shape}.")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"SyncBatchNorm: expected a floating-point input (float16, bfloat16, "
+                            f"float32 or float64), but got {x.dtype}.")
+
+    def _affine_params(self):
+        if self.affine:
+            return self.weight.astype(ms.float32), self.bias.astype(ms.float32)
+        return self._ones, self._zeros
+
+    def construct(self, x):
+        self._check_input(x)
+        weight, bias = self._affine_params()
+        if self.training:
+            if self.group_size == 1 and x.size == self.num_features:
+                raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
+                                 f"training, but got input of shape {x.shape}.")
+            y, mean, _, var, count = self.group_stats(x, weight, bias, self.stat_shift)
+            self._update_state(mean, var, count)
+            return y
+        if self.track_running_stats:
+            mean = self.running_mean.astype(ms.float32)
+            invstd = ops.rsqrt(self.running_var.astype(ms.float32) + self.eps)
+            return self.frozen_stats(x, mean, invstd, weight, bias)
+        # Evaluation without running statistics: the local batch, no communication.
+        y, _, _, _, _ = self.local_stats(x, weight, bias, self.stat_shift)
+        return y
+
+    def _update_state(self, mean, var, count):
+        """Shift and running statistics from group statistics; a group with no data changes nothing."""
+        mean = ops.stop_gradient(mean)
+        var = ops.stop_gradient(var)
+        count = ops.stop_gradient(count)
+        has_data = count > 0.0  # (1,)
+        ops.assign(self.stat_shift, ops.select(has_data.broadcast_to(mean.shape), mean,
+                                               self.stat_shift))
+        if self.track_running_stats:
+            tracked = self.num_batches_tracked + has_data.astype(ms.int64).reshape(())
+            ops.assign(self.num_batches_tracked, tracked)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / ops.maximum(tracked, 1).astype(ms.float32)
+            else:
+                factor = ops.scalar_to_tensor(self.momentum, ms.float32)
+            unbiased = var * count / ops.maximum(count - 1.0, 1.0)
+            running_mean = self.running_mean.astype(ms.float32)
+            running_var = self.running_var.astype(ms.float32)
+            new_mean = (1.0 - factor) * running_mean + factor * mean
+            new_var = (1.0 - factor) * running_var + factor * unbiased
+            keep = has_data.broadcast_to(mean.shape)
+            ops.assign(self.running_mean,
+                       ops.select(keep, new_mean, running_mean).astype(self.param_dtype))
+            ops.assign(self.running_var,
+                       ops.select(keep, new_var, running_var).astype(self.param_dtype))

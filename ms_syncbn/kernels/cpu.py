@@ -1,0 +1,53 @@
+"""CPU kernel table: our C++ kernels (ops/cpu/syncbn_cpu.cc) through ``ops.Custom(func_type="aot")``.
+
+The library is built by ``setup.py`` into the package as ``_cpu_kernels.so``.
+"""
+import functools
+import glob
+import os
+
+import mindspore as ms
+from mindspore import ops
+
+from ms_syncbn.kernels import BatchNormKernels
+
+_LIBRARY_GLOB = "_cpu_kernels*.so"
+
+
+def cpu_library_path() -> str:
+    """Absolute path of the built CPU kernel library.
+
+    Raises:
+        RuntimeError: If the library has not been built.
+    """
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = sorted(glob.glob(os.path.join(package_dir, _LIBRARY_GLOB)))
+    if not found:
+        raise RuntimeError(f"ms_syncbn: the CPU kernels are not built (no {_LIBRARY_GLOB} in "
+                           f"{package_dir}). Install the package with `pip install -e .` or "
+                           f"`pip install .` from the repository root, which compiles ops/cpu/.")
+    return found[0]
+
+
+def _custom(symbol: str, out_shape, out_dtype):
+    return ops.Custom(f"{cpu_library_path()}:{symbol}", out_shape=out_shape,
+                      out_dtype=out_dtype, func_type="aot")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_kernels() -> BatchNormKernels:
+    """The CPU table; primitives are created once per process and shared by all layers."""
+    return BatchNormKernels(
+        backend="CPU",
+        # x (N, C, *), shift (C,) -> (3C+1,) f32
+        local_stats=_custom("LocalStats", lambda x, shift: (3 * x[1] + 1,),
+                            lambda x, shift: ms.float32),
+        # x, mean, invstd, weight, bias -> y like x
+        normalize=_custom("Normalize", lambda x, m, s, w, b: x, lambda x, m, s, w, b: x),
+        # dy, x, mean -> (2C,) f32
+        backward_reduce=_custom("BackwardReduce", lambda dy, x, m: (2 * x[1],),
+                                lambda dy, x, m: ms.float32),
+        # dy, x, mean, invstd, weight, sums (2C,), count (1,) -> dx like x
+        backward_elemt=_custom("BackwardElemt", lambda dy, x, m, s, w, sums, n: x,
+                               lambda dy, x, m, s, w, sums, n: x),
+    )

@@ -1,0 +1,142 @@
+"""The synchronized batch-norm function: local statistics -> one all-reduce -> combine -> normalize.
+
+``SyncBatchNormFunction`` is a Cell with ``construct`` and ``bprop``; the
+backward is the mirror image: local reductions -> one all-reduce -> element-wise.
+It owns the collectives; the kernels it calls never communicate, and the layer
+that calls it owns all state. The same code runs on every backend: only the
+kernel table differs.
+
+Numerics. Each rank sends, per channel, shifted sums around a shift K that is
+the same on every rank (the layer keeps it: the previous group mean):
+
+    [ sum(x-K) (C) | sum((x-K)^2) (C) | n*K (C) | n (1) ]        (3C+1,) float32
+
+so the payload is O(C) whatever the world size, and an empty rank (n = 0)
+simply sends zeros. After the all-reduce (sums S1, S2, Q, N):
+
+    mean = Q/N + S1/N         exact even if the ranks' K differ
+    var  = S2/N - (S1/N)^2    exact when every rank used the same K
+
+The subtraction in var loses about (S1/N)^2 / var of float32's precision, so K
+must be near the mean. When it is not (first step: K = 0; a shift in the data),
+i.e. (S1/N)^2 > RESHIFT_RATIO * var, every rank takes the same decision from
+the same reduced numbers and repeats the pass once around K = mean: a second
+all-reduce in that step only.
+"""
+import mindspore as ms
+from mindspore import nn, ops
+
+# Re-centre when the shift is further than sqrt(64) = 8 standard deviations
+# from the mean: beyond that float32 loses more than ~6 bits of the variance.
+RESHIFT_RATIO = 64.0
+# A constant channel (var = 0) re-centres only when its shift is off by more
+# than this fraction of the mean: float32 rounding of the mean stays below it.
+RESHIFT_MEAN_TOLERANCE = 2.0 ** -20
+
+
+def combine_stats(sums):
+    """Group statistics from all-reduced shifted sums.
+
+    (3C+1,) -> mean (C,), biased var (C,), offset (C,), count (1,)
+
+    ``offset`` = mean - effective shift, the quantity whose size decides
+    whether the pass must be repeated. A group with no element (count = 0) gets
+    mean 0, var 0.
+    """
+    channels = (sums.shape[0] - 1) // 3
+    s1, s2, nk = sums[:channels], sums[channels:2 * channels], sums[2 * channels:3 * channels]
+    count = sums[3 * channels:]
+    safe_count = ops.maximum(count, 1.0)  # N = 0 gives 0 / 1 = 0, never NaN
+    offset = s1 / safe_count
+    mean = nk / safe_count + offset
+    var = ops.relu(s2 / safe_count - offset * offset)  # rounding can dip below 0
+    return mean, var, offset, count
+
+
+def needs_reshift(mean, var, offset):
+    """Whether the shifted sums were too far from the mean to trust var (identical on every rank)."""
+    limit = RESHIFT_RATIO * var + ops.square(RESHIFT_MEAN_TOLERANCE * mean)
+    return (ops.square(offset) > limit).any()
+
+
+class SyncBatchNormFunction(nn.Cell):
+    """Batch statistics over a process group, normalization, and the matching backward.
+
+    Args:
+        kernels (BatchNormKernels): The backend's kernel table.
+        eps (float): Added to the variance before the square root.
+        all_reduce (Primitive, optional): Summing all-reduce over the group; None for a
+            local batch norm with no communication.
+
+    Inputs:
+        - **x** (Tensor) - (N, C, *), float16, bfloat16, float32 or float64.
+        - **weight** (Tensor) - (C,) float32.
+        - **bias** (Tensor) - (C,) float32.
+        - **shift** (Tensor) - (C,) float32, identical on every rank of the group.
+
+    Outputs:
+        Tuple of 5 tensors: y (like x), mean (C,), invstd (C,), biased var (C,), count (1,),
+        statistics over the whole group, identical on every rank. Only y carries a gradient.
+    """
+
+    def __init__(self, kernels, eps, all_reduce=None):
+        super().__init__()
+        self.local_stats = kernels.local_stats
+        self.normalize = kernels.normalize
+        self.backward_reduce = kernels.backward_reduce
+        self.backward_elemt = kernels.backward_elemt
+        self.eps = eps
+        self.all_reduce = all_reduce
+        self.synchronized = all_reduce is not None
+
+    def _group_sum(self, local_sums):
+        if self.synchronized:
+            return self.all_reduce(local_sums)
+        return local_sums
+
+    def construct(self, x, weight, bias, shift):
+        # x (N, C, *), shift (C,) -> (3C+1,) local shifted sums -> group sums
+        mean, var, offset, count = combine_stats(self._group_sum(self.local_stats(x, shift)))
+        if needs_reshift(mean, var, offset):
+            mean, var, offset, count = combine_stats(self._group_sum(self.local_stats(x, mean)))
+        invstd = ops.rsqrt(var + self.eps)
+        y = self.normalize(x, mean, invstd, weight, bias)
+        return y, mean, invstd, var, count
+
+    def bprop(self, x, weight, bias, shift, out, dout):
+        dy = dout[0]
+        mean, invstd, count = out[1], out[2], out[4]
+        channels = mean.shape[0]
+        # dy, x, mean -> (2C,) local [sum(dy) | sum(dy*(x-mean))]
+        local_sums = self.backward_reduce(dy, x, mean)
+        # weight/bias gradients stay local: data parallelism sums them over ranks.
+        grad_weight = local_sums[channels:] * invstd
+        grad_bias = local_sums[:channels]
+        dx = self.backward_elemt(dy, x, mean, invstd, weight, self._group_sum(local_sums), count)
+        return dx, grad_weight, grad_bias, ops.zeros_like(shift)
+
+
+class FrozenStatsNormalize(nn.Cell):
+    """Normalization with given statistics (eval mode with running stats); no communication.
+
+    Inputs: x (N, C, *), mean (C,), invstd (C,), weight (C,), bias (C,), all float32 but x.
+    Outputs: y, like x. Gradients flow to x, weight and bias; mean and invstd are constants.
+    """
+
+    def __init__(self, kernels):
+        super().__init__()
+        self.normalize = kernels.normalize
+        self.backward_reduce = kernels.backward_reduce
+        self.backward_elemt = kernels.backward_elemt
+
+    def construct(self, x, mean, invstd, weight, bias):
+        return self.normalize(x, mean, invstd, weight, bias)
+
+    def bprop(self, x, mean, invstd, weight, bias, out, dout):
+        local_sums = self.backward_reduce(dout, x, mean)  # (2C,)
+        channels = mean.shape[0]
+        # With zero sums backward_elemt reduces to dx = weight * invstd * dy.
+        no_sums = ops.zeros_like(local_sums)
+        dx = self.backward_elemt(dout, x, mean, invstd, weight, no_sums, ops.ones((1,), ms.float32))
+        return (dx, ops.zeros_like(mean), ops.zeros_like(invstd),
+                local_sums[channels:] * invstd, local_sums[:channels])
