@@ -198,6 +198,10 @@ class SyncBatchNorm(nn.Cell):
                 raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
                                  f"training, but got input of shape {x.shape}.")
             y, mean, _, var, count = self.group_stats(x, weight, bias, self.stat_shift)
+            if self.group_size > 1 and count == 1:  # same count on every rank: all raise, none waits
+                raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
+                                 f"training, but the batch of process group "
+                                 f"{self.process_group} holds 1 value per channel.")
             self._update_state(mean, var, count)
             return y
         if self.track_running_stats:
