@@ -135,6 +135,7 @@ class SyncBatchNorm(nn.Cell):
         self.track_running_stats = track_running_stats
         self.process_group = process_group
         self.group_size = 1 if group is None else group.size
+        self.group_label = "(local)" if group is None else repr(group.name)
         self.param_dtype = ms.float32 if dtype is None else dtype
 
         def filled(value, name, requires_grad):
@@ -200,8 +201,8 @@ class SyncBatchNorm(nn.Cell):
             y, mean, _, var, count = self.group_stats(x, weight, bias, self.stat_shift)
             if self.group_size > 1 and count == 1:  # same count on every rank: all raise, none waits
                 raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
-                                 f"training, but the batch of process group "
-                                 f"{self.process_group} holds 1 value per channel.")
+                                 f"training, but the batch of process group {self.group_label} "
+                                 f"holds 1 value per channel.")
             self._update_state(mean, var, count)
             return y
         if self.track_running_stats:
