@@ -4,23 +4,57 @@
 //   int Kernel(int nparam, void **params, int *ndims, int64_t **shapes,
 //              const char **dtypes, void *stream, void *extra)
 // where params holds the inputs followed by the single output, and returns 0
-// on success. MindSpore hands us dense row-major buffers.
+// on success (1 on an unsupported dtype or a malformed call). MindSpore hands
+// us dense row-major buffers.
 //
 // Layout: x is (N, C, *) and is viewed as (N, C, S) with S = prod(shape[2:])
-// (S = 1 for a 2-D input). Per-channel tensors are float32 of shape (C,).
-// Element tensors (x, dy, y, dx) are float16, bfloat16, float32 or float64;
-// all arithmetic on them is done in float32 (float64 for float64 input) and
-// all reductions are accumulated in double. Kernels never communicate: the
-// collective between local_stats and the normalisation is the caller's.
-#include <cmath>
+// (S = 1 for a 2-D input); a "plane" is the contiguous run x[n, c, :] of S
+// elements. Per-channel tensors are float32 of shape (C,). Element tensors
+// (x, dy, y, dx) are float16, bfloat16, float32 or float64; all arithmetic on
+// them is done in float32 (float64 for float64 input), and every reduction
+// sums blocks of at most kBlock = 2048 terms in that type and accumulates the
+// blocks in double. Kernels never communicate: the collective between
+// local_stats and the normalisation is the caller's.
+//
+// Speed. Each kernel reads its inputs once, in memory order, and writes its
+// output once; per-channel coefficients are computed once per call, never per
+// element. The element loops work on one-register vectors (GCC vector
+// extensions; float16 and bfloat16 are converted a vector at a time), the
+// reductions keep four independent vector accumulators and, for short planes,
+// carry them from plane to plane instead of summing lanes after each. With
+// GCC on x86-64 the kernels are compiled three times -- AVX-512
+// (avx512f/bw/vl/dq), AVX2 (avx2, fma, f16c) and the baseline -- and the first
+// call picks the best set the CPU supports; elsewhere only the baseline is
+// built. Measured single-threaded on (8,64,32,32) float32 (AVX-512, data in
+// cache): every kernel moves its bytes at 90-100% of the speed of a plain copy.
+//
+// Threads. The kernels are single-threaded on purpose. Measured inside
+// MindSpore on a 2-core machine (graph mode, one process, OpenMP over
+// channels): a 2-thread team made the whole SyncBatchNorm training step about
+// 2x slower with libgomp's default active waiting (its spinning threads compete
+// with MindSpore's own), and only ~10% faster with OMP_WAIT_POLICY=passive.
+// Under msrun every rank owns its share of the cores anyway. So the kernels
+// start no thread, and OMP_NUM_THREADS=1 is honoured trivially.
+//
+// Source layout: this file includes itself once per instruction set. The
+// first part (MSSBN_ISA undefined) holds the shared definitions, the exported
+// entry points and the dispatch; the second part (the kernels) is compiled
+// inside namespace MSSBN_ISA under the matching `#pragma GCC target`.
+#ifndef MSSBN_ISA
+// =========================================== part 1: shared definitions ===
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)  // needs `#pragma GCC target`
+#define MSSBN_X86_DISPATCH 1
+#include <immintrin.h>
 #endif
 
-namespace {
+namespace mssbn {
 
 // ---------------------------------------------------------------- dtypes --
 struct bf16 { uint16_t bits; };
@@ -30,34 +64,8 @@ typedef _Float16 f16;
 #error "ms_syncbn needs a compiler with _Float16 (GCC >= 12 or Clang >= 15)"
 #endif
 
-inline float to_f(float v) { return v; }
-inline double to_f(double v) { return v; }
-inline float to_f(f16 v) { return static_cast<float>(v); }
-inline float to_f(bf16 v) {
-  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-template <typename T> struct compute_type { typedef float type; };
-template <> struct compute_type<double> { typedef double type; };
-
-template <typename T> inline T from_f(float v);
-template <> inline float from_f<float>(float v) { return v; }
-template <> inline f16 from_f<f16>(float v) { return static_cast<f16>(v); }
-template <> inline bf16 from_f<bf16>(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<uint16_t>((u >> 16) | 0x40u)};  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  return bf16{static_cast<uint16_t>(u >> 16)};
-}
-template <typename T> inline T store(typename compute_type<T>::type v) { return from_f<T>(v); }
-template <> inline double store<double>(double v) { return v; }
-
 enum class DType { kF16, kBF16, kF32, kF64, kBad };
-DType parse_dtype(const char *s) {
+inline DType parse_dtype(const char *s) {
   if (std::strcmp(s, "float32") == 0) return DType::kF32;
   if (std::strcmp(s, "float16") == 0) return DType::kF16;
   if (std::strcmp(s, "bfloat16") == 0) return DType::kBF16;
@@ -65,60 +73,416 @@ DType parse_dtype(const char *s) {
   return DType::kBad;
 }
 
-// Dispatch a templated functor on the element dtype; returns 1 on an
-// unsupported dtype so MindSpore reports the kernel as failed.
-#define MSSBN_DISPATCH(dtype_str, FN, ...)                          \
-  switch (parse_dtype(dtype_str)) {                                 \
-    case DType::kF32: FN<float>(__VA_ARGS__); return 0;             \
-    case DType::kF16: FN<f16>(__VA_ARGS__); return 0;               \
-    case DType::kBF16: FN<bf16>(__VA_ARGS__); return 0;             \
-    case DType::kF64: FN<double>(__VA_ARGS__); return 0;            \
-    default: return 1;                                              \
-  }
-
 // (N, C, S) view of an element tensor.
 struct NCS {
   int64_t n, c, s;
 };
-NCS ncs_of(int ndim, const int64_t *shape) {
+inline NCS ncs_of(int ndim, const int64_t *shape) {
   NCS v{shape[0], ndim > 1 ? shape[1] : 1, 1};
   for (int i = 2; i < ndim; ++i) v.s *= shape[i];
   return v;
 }
 
-inline int threads_for(int64_t work_items, int64_t elements) {
-#ifdef _OPENMP
-  // Below ~64K elements a parallel region costs more than it saves.
-  int64_t by_size = elements / 65536 + 1;
-  int64_t t = omp_get_max_threads();
-  if (t > by_size) t = by_size;
-  if (t > work_items) t = work_items;
-  return t < 1 ? 1 : static_cast<int>(t);
-#else
-  (void)work_items; (void)elements;
-  return 1;
+// At most this many terms are summed in the compute type before the partial
+// sum goes to double: the float32 error stays that of a 2048-term sum however
+// large the batch.
+constexpr int64_t kBlock = 2048;
+
+// A kernel on one dtype: params in contract order (inputs, then the output).
+typedef void (*KernelFn)(void **params, NCS view);
+enum Kernel { kLocalStats, kNormalize, kBackwardReduce, kBackwardElemt, kNumKernels };
+// [kernel][dtype] for the four supported dtypes, in DType order.
+typedef KernelFn KernelTable[kNumKernels][4];
+
+}  // namespace mssbn
+
+// ------------------------------------- part 2 once per instruction set --
+#ifdef MSSBN_X86_DISPATCH
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive in avx512fintrin.h
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
+#define MSSBN_ISA isa_avx512
+#define MSSBN_ISA_LEVEL 2
+#include "syncbn_cpu.cc"
+#undef MSSBN_ISA_LEVEL
+#undef MSSBN_ISA
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define MSSBN_ISA isa_avx2
+#define MSSBN_ISA_LEVEL 1
+#include "syncbn_cpu.cc"
+#undef MSSBN_ISA_LEVEL
+#undef MSSBN_ISA
+#pragma GCC pop_options
+#pragma GCC diagnostic pop
 #endif
+
+#define MSSBN_ISA isa_baseline
+#define MSSBN_ISA_LEVEL 0
+#include "syncbn_cpu.cc"
+#undef MSSBN_ISA_LEVEL
+#undef MSSBN_ISA
+
+// ------------------------------------------------------------- dispatch --
+namespace mssbn {
+
+// The instruction set the kernels run with: the best one the CPU supports,
+// or a lower one named by the environment variable MS_SYNCBN_CPU_ISA
+// ("avx512", "avx2", "baseline"; read once, at the first kernel call), so the
+// tests can check every compiled variant on one machine. A name the CPU does
+// not support, or an unknown one, means the best.
+struct Isa {
+  const char *name;
+  const KernelTable *kernels;
+};
+
+const Isa &active_isa() {
+  static const Isa isa = [] {
+    Isa supported[3];  // best first
+    int count = 0;
+#ifdef MSSBN_X86_DISPATCH
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      supported[count++] = Isa{"avx512", &isa_avx512::kernels};
+    if (avx2) supported[count++] = Isa{"avx2", &isa_avx2::kernels};
+#endif
+    supported[count++] = Isa{"baseline", &isa_baseline::kernels};
+    const char *wanted = std::getenv("MS_SYNCBN_CPU_ISA");
+    for (int i = 0; wanted != nullptr && i < count; ++i)
+      if (std::strcmp(wanted, supported[i].name) == 0) return supported[i];
+    return supported[0];
+  }();
+  return isa;
 }
 
-// Sums of (v - k) and (v - k)^2 over one contiguous run, in double.
-// Blocks of 2048 are summed in the compute type (vectorised), then in double,
-// so the error stays that of a 2048-term sum whatever the run length.
-template <typename T>
-inline void shifted_sums(const T *p, int64_t len, typename compute_type<T>::type k,
-                         double *s1, double *s2) {
-  typedef typename compute_type<T>::type CT;
-  const int64_t kBlock = 2048;
-  for (int64_t b = 0; b < len; b += kBlock) {
-    const int64_t e = b + kBlock < len ? b + kBlock : len;
-    CT a1 = 0, a2 = 0;
-#pragma omp simd reduction(+ : a1, a2)
-    for (int64_t i = b; i < e; ++i) {
-      const CT d = static_cast<CT>(to_f(p[i])) - k;
-      a1 += d;
-      a2 += d * d;
+// Run `kernel` on the element dtype `dtype`; 1 on an unsupported dtype so
+// MindSpore reports the kernel as failed.
+int run(Kernel kernel, const char *dtype, void **params, NCS view) {
+  const DType d = parse_dtype(dtype);
+  if (d == DType::kBad) return 1;
+  (*active_isa().kernels)[kernel][static_cast<int>(d)](params, view);
+  return 0;
+}
+
+}  // namespace mssbn
+
+// ------------------------------------------------------ exported entries --
+// Name of the instruction set in use ("avx512", "avx2" or "baseline").
+extern "C" const char *MsSyncBnCpuIsa() { return mssbn::active_isa().name; }
+
+// x is params[1] for the backward kernels (dy first), params[0] otherwise.
+extern "C" int LocalStats(int nparam, void **params, int *ndims, int64_t **shapes,
+                          const char **dtypes, void *, void *) {
+  if (nparam != 3 || ndims[0] < 2) return 1;
+  return mssbn::run(mssbn::kLocalStats, dtypes[0], params, mssbn::ncs_of(ndims[0], shapes[0]));
+}
+
+extern "C" int Normalize(int nparam, void **params, int *ndims, int64_t **shapes,
+                         const char **dtypes, void *, void *) {
+  if (nparam != 6 || ndims[0] < 2) return 1;
+  return mssbn::run(mssbn::kNormalize, dtypes[0], params, mssbn::ncs_of(ndims[0], shapes[0]));
+}
+
+extern "C" int BackwardReduce(int nparam, void **params, int *ndims, int64_t **shapes,
+                              const char **dtypes, void *, void *) {
+  if (nparam != 4 || ndims[1] < 2) return 1;
+  if (std::strcmp(dtypes[0], dtypes[1]) != 0) return 1;
+  return mssbn::run(mssbn::kBackwardReduce, dtypes[1], params, mssbn::ncs_of(ndims[1], shapes[1]));
+}
+
+extern "C" int BackwardElemt(int nparam, void **params, int *ndims, int64_t **shapes,
+                             const char **dtypes, void *, void *) {
+  if (nparam != 8 || ndims[1] < 2) return 1;
+  if (std::strcmp(dtypes[0], dtypes[1]) != 0) return 1;
+  return mssbn::run(mssbn::kBackwardElemt, dtypes[1], params, mssbn::ncs_of(ndims[1], shapes[1]));
+}
+
+#else  // MSSBN_ISA
+// ======================== part 2: the kernels, for one instruction set ===
+namespace mssbn {
+namespace MSSBN_ISA {
+namespace {
+
+// ------------------------------------------------- element access (Lanes) --
+// Vectors are one native register wide: 64 bytes with AVX-512, 32 with AVX2,
+// 16 on the baseline (wider generic vectors would be split through memory).
+constexpr int kVectorBytes = MSSBN_ISA_LEVEL >= 2 ? 64 : MSSBN_ISA_LEVEL == 1 ? 32 : 16;
+typedef float vf32 __attribute__((vector_size(kVectorBytes)));
+typedef double vf64 __attribute__((vector_size(kVectorBytes)));
+typedef uint32_t vu32 __attribute__((vector_size(kVectorBytes)));
+typedef uint16_t vu16 __attribute__((vector_size(kVectorBytes / 2)));  // as many lanes as vf32
+
+// Lanes<T>: compute type CT, its vector V of W lanes, and conversion-on-load /
+// rounding-on-store for one element dtype, as a scalar (load(p, CT&)) or as a
+// whole vector of W consecutive elements (load(p, V&)).
+template <typename T> struct Lanes;
+
+template <> struct Lanes<float> {
+  typedef float CT;
+  typedef vf32 V;
+  static constexpr int W = kVectorBytes / 4;
+  static void load(const float *p, CT &v) { v = *p; }
+  static void load(const float *p, V &v) { std::memcpy(&v, p, sizeof v); }
+  static void store(float *p, CT v) { *p = v; }
+  static void store(float *p, V v) { std::memcpy(p, &v, sizeof v); }
+};
+
+template <> struct Lanes<double> {
+  typedef double CT;
+  typedef vf64 V;
+  static constexpr int W = kVectorBytes / 8;
+  static void load(const double *p, CT &v) { v = *p; }
+  static void load(const double *p, V &v) { std::memcpy(&v, p, sizeof v); }
+  static void store(double *p, CT v) { *p = v; }
+  static void store(double *p, V v) { std::memcpy(p, &v, sizeof v); }
+};
+
+// bfloat16 is the top half of a float32: widening is a shift; narrowing
+// rounds to nearest even, and a NaN stays a (quiet) NaN.
+template <> struct Lanes<bf16> {
+  typedef float CT;
+  typedef vf32 V;
+  static constexpr int W = kVectorBytes / 4;
+  static void load(const bf16 *p, CT &v) {
+    const uint32_t u = static_cast<uint32_t>(p->bits) << 16;
+    std::memcpy(&v, &u, 4);
+  }
+  static void store(bf16 *p, CT v) {
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    const uint32_t high = u >> 16;
+    p->bits = static_cast<uint16_t>(v != v ? (high | 0x40u) : ((u + 0x7fffu + (high & 1u)) >> 16));
+  }
+  static void load(const bf16 *p, V &v) {
+#if MSSBN_ISA_LEVEL >= 2  // AVX-512F: zero-extend 16 halves at once
+    v = (V)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))), 16);
+#elif MSSBN_ISA_LEVEL == 1  // AVX2: 8 halves
+    v = (V)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))), 16);
+#else
+    vu16 h;
+    std::memcpy(&h, p, sizeof h);
+    const vu32 u = __builtin_convertvector(h, vu32) << 16;
+    std::memcpy(&v, &u, sizeof v);
+#endif
+  }
+  static void store(bf16 *p, V v) {
+    vu32 u;
+    std::memcpy(&u, &v, sizeof u);
+    const vu32 high = u >> 16;
+    const vu32 rounded = (u + 0x7fffu + (high & 1u)) >> 16;
+    const vu32 bits = v != v ? (high | 0x40u) : rounded;  // each < 2^16
+#if MSSBN_ISA_LEVEL >= 2  // AVX-512F: narrow 16 x 32 -> 16 x 16 bits
+    _mm256_storeu_si256(reinterpret_cast<__m256i *>(p), _mm512_cvtepi32_epi16((__m512i)bits));
+#elif MSSBN_ISA_LEVEL == 1  // AVX2: pack the two 128-bit halves
+    const __m256i b = (__m256i)bits;
+    _mm_storeu_si128(reinterpret_cast<__m128i *>(p),
+                     _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+#else
+    const vu16 h = __builtin_convertvector(bits, vu16);
+    std::memcpy(p, &h, sizeof h);
+#endif
+  }
+};
+
+// float16: the F16C / AVX-512F conversions (round to nearest even, like the
+// C cast); the baseline converts lane by lane.
+template <> struct Lanes<f16> {
+  typedef float CT;
+  typedef vf32 V;
+  static constexpr int W = kVectorBytes / 4;
+  static void load(const f16 *p, CT &v) { v = static_cast<float>(*p); }
+  static void store(f16 *p, CT v) { *p = static_cast<f16>(v); }
+#if MSSBN_ISA_LEVEL >= 2
+  static void load(const f16 *p, V &v) {
+    v = (V)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)));
+  }
+  static void store(f16 *p, V v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i *>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
+  }
+#elif MSSBN_ISA_LEVEL == 1
+  static void load(const f16 *p, V &v) {
+    v = (V)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+  }
+  static void store(f16 *p, V v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i *>(p), _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
+  }
+#else
+  static void load(const f16 *p, V &v) {
+    for (int j = 0; j < W; ++j) v[j] = static_cast<float>(p[j]);
+  }
+  static void store(f16 *p, V v) {
+    for (int j = 0; j < W; ++j) p[j] = static_cast<f16>(v[j]);
+  }
+#endif
+};
+
+template <typename V> inline auto hsum(V v) -> decltype(v[0] + 0) {
+  decltype(v[0] + 0) s = 0;
+  for (unsigned j = 0; j < sizeof(V) / sizeof(v[0]); ++j) s += v[j];
+  return s;
+}
+
+// Partial sums of u and u*w over elements [0, len) of one plane, where
+// term(i, u, w) produces u and w for element i (as scalars, or as a vector of
+// elements i..i+W-1). Whole vectors are added into v1/v2, the remaining
+// elements into t1/t2; four vector accumulators keep the adds independent.
+// The caller bounds the number of terms (kBlock) before going to double.
+template <typename T, typename Term>
+inline void plane_partial_sums(int64_t len, const Term &term, typename Lanes<T>::V &v1,
+                               typename Lanes<T>::V &v2, typename Lanes<T>::CT &t1,
+                               typename Lanes<T>::CT &t2) {
+  typedef Lanes<T> L;
+  typedef typename L::V V;
+  constexpr int W = L::W;
+  V a1[4] = {}, a2[4] = {};
+  int64_t i = 0;
+  for (; i + 4 * W <= len; i += 4 * W) {
+    for (int k = 0; k < 4; ++k) {
+      V u, w;
+      term(i + k * W, u, w);
+      a1[k] += u;
+      a2[k] += u * w;
     }
-    *s1 += a1;
-    *s2 += a2;
+  }
+  for (; i + W <= len; i += W) {
+    V u, w;
+    term(i, u, w);
+    a1[0] += u;
+    a2[0] += u * w;
+  }
+  v1 += (a1[0] + a1[1]) + (a1[2] + a1[3]);
+  v2 += (a2[0] + a2[1]) + (a2[2] + a2[3]);
+  for (; i < len; ++i) {
+    typename L::CT u, w;
+    term(i, u, w);
+    t1 += u;
+    t2 += u * w;
+  }
+}
+
+// Per-channel sums of u and u*w over all planes of an (N, C, S) tensor with
+// S > 1, in memory order: s1[c] += sum u, s2[c] += sum u*w (double).
+// plane_term(n, c) returns the term function of plane (n, c) (see
+// plane_partial_sums). Per-channel partial sums stay in vectors across planes
+// and go to double every kBlock terms, so short planes (S = 7, 196, ...) cost
+// no horizontal sum each.
+template <typename T, typename PlaneTerm>
+void plane_sums(NCS v, const PlaneTerm &plane_term, double *s1, double *s2) {
+  typedef Lanes<T> L;
+  typedef typename L::CT CT;
+  typedef typename L::V V;
+  const int64_t C = v.c, S = v.s;
+  if (S >= kBlock) {  // long planes: go to double after each block of a plane
+    for (int64_t n = 0; n < v.n; ++n) {
+      for (int64_t c = 0; c < C; ++c) {
+        const auto term = plane_term(n, c);
+        for (int64_t b = 0; b < S; b += kBlock) {
+          V v1 = {}, v2 = {};
+          CT t1 = 0, t2 = 0;
+          plane_partial_sums<T>(std::min(kBlock, S - b), [&term, b](int64_t i, auto &u, auto &w) {
+            term(b + i, u, w);
+          }, v1, v2, t1, t2);
+          s1[c] += hsum(v1) + t1;
+          s2[c] += hsum(v2) + t2;
+        }
+      }
+    }
+    return;
+  }
+  // Per-channel vector partial sums live in plain CT arrays (W lanes per
+  // channel; std::vector does not promise the 64-byte alignment of V).
+  constexpr int W = L::W;
+  const int64_t rows_per_block = kBlock / S;  // >= 1
+  std::vector<CT> lane_sums(2 * C * W);      // [ u | u*w ], W lanes per channel
+  std::vector<CT> tail_sums(2 * C);
+  for (int64_t n0 = 0; n0 < v.n; n0 += rows_per_block) {
+    std::fill(lane_sums.begin(), lane_sums.end(), CT(0));
+    std::fill(tail_sums.begin(), tail_sums.end(), CT(0));
+    const int64_t n1 = std::min(n0 + rows_per_block, v.n);
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t c = 0; c < C; ++c) {
+        V v1, v2;
+        std::memcpy(&v1, &lane_sums[c * W], sizeof(V));
+        std::memcpy(&v2, &lane_sums[(C + c) * W], sizeof(V));
+        plane_partial_sums<T>(S, plane_term(n, c), v1, v2, tail_sums[c], tail_sums[C + c]);
+        std::memcpy(&lane_sums[c * W], &v1, sizeof(V));
+        std::memcpy(&lane_sums[(C + c) * W], &v2, sizeof(V));
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      CT l1 = 0, l2 = 0;
+      for (int j = 0; j < W; ++j) {
+        l1 += lane_sums[c * W + j];
+        l2 += lane_sums[(C + c) * W + j];
+      }
+      s1[c] += static_cast<double>(l1) + tail_sums[c];
+      s2[c] += static_cast<double>(l2) + tail_sums[C + c];
+    }
+  }
+}
+
+// The same sums when S = 1: row n holds one element per channel, so the
+// channels are the vector lanes and the sums run down the rows.
+// term(n, c, u, w) produces u and w for x[n, c] (or channels c..c+W-1).
+template <typename T, typename Term>
+inline void column_sums(int64_t rows, int64_t channels, const Term &term, double *s1, double *s2) {
+  typedef Lanes<T> L;
+  typedef typename L::CT CT;
+  typedef typename L::V V;
+  constexpr int W = L::W;
+  std::vector<CT> a1(channels), a2(channels);
+  for (int64_t b = 0; b < rows; b += kBlock) {
+    const int64_t e = std::min(b + kBlock, rows);
+    std::fill(a1.begin(), a1.end(), CT(0));
+    std::fill(a2.begin(), a2.end(), CT(0));
+    for (int64_t n = b; n < e; ++n) {
+      int64_t c = 0;
+      for (; c + W <= channels; c += W) {
+        V u, w, acc1, acc2;
+        term(n, c, u, w);
+        std::memcpy(&acc1, &a1[c], sizeof(V));
+        std::memcpy(&acc2, &a2[c], sizeof(V));
+        acc1 += u;
+        acc2 += u * w;
+        std::memcpy(&a1[c], &acc1, sizeof(V));
+        std::memcpy(&a2[c], &acc2, sizeof(V));
+      }
+      for (; c < channels; ++c) {
+        CT u, w;
+        term(n, c, u, w);
+        a1[c] += u;
+        a2[c] += u * w;
+      }
+    }
+    for (int64_t c = 0; c < channels; ++c) {
+      s1[c] += a1[c];
+      s2[c] += a2[c];
+    }
+  }
+}
+
+// y[i] = f(i) for i in [0, len), a vector at a time; f(i, v) computes element
+// i (or elements i..i+W-1) of the output in the compute type.
+template <typename T, typename Elem>
+inline void elementwise(int64_t len, T *y, const Elem &f) {
+  typedef Lanes<T> L;
+  constexpr int W = L::W;
+  int64_t i = 0;
+  for (; i + W <= len; i += W) {
+    typename L::V v;
+    f(i, v);
+    L::store(y + i, v);
+  }
+  for (; i < len; ++i) {
+    typename L::CT v;
+    f(i, v);
+    L::store(y + i, v);
   }
 }
 
@@ -130,21 +494,46 @@ inline void shifted_sums(const T *p, int64_t len, typename compute_type<T>::type
 //                               with n = N * prod(shape[2:]) the local count.
 // Sums are exact sums of the local batch (not means), so the caller can
 // all-reduce the vector as is; an empty batch (N = 0) yields all zeros.
+// One pass over x; x-K is formed in the compute type, the sums accumulate as
+// described at the top (blocks of kBlock in the compute type, then double);
+// n*K is computed in double.
 template <typename T>
 void local_stats(const T *x, const float *shift, float *out, NCS v) {
-  const int64_t C = v.c;
-#pragma omp parallel for schedule(static) num_threads(threads_for(C, v.n * v.c * v.s))
-  for (int64_t c = 0; c < C; ++c) {
-    typedef typename compute_type<T>::type CT;
-    const CT k = static_cast<CT>(shift[c]);
-    double s1 = 0.0, s2 = 0.0;
-    for (int64_t n = 0; n < v.n; ++n) shifted_sums<T>(x + (n * C + c) * v.s, v.s, k, &s1, &s2);
-    const double cnt = static_cast<double>(v.n) * static_cast<double>(v.s);
-    out[c] = static_cast<float>(s1);
-    out[C + c] = static_cast<float>(s2);
-    out[2 * C + c] = static_cast<float>(cnt * static_cast<double>(shift[c]));
+  typedef Lanes<T> L;
+  typedef typename L::CT CT;
+  const int64_t C = v.c, S = v.s;
+  std::vector<double> sums(2 * C, 0.0);  // [ sum(x-K) | sum((x-K)^2) ]
+  std::vector<CT> k(C);
+  for (int64_t c = 0; c < C; ++c) k[c] = static_cast<CT>(shift[c]);
+  if (S == 1) {
+    const CT *kp = k.data();
+    column_sums<T>(v.n, C, [x, kp, C](int64_t n, int64_t c, auto &u, auto &w) {
+      typedef typename std::remove_reference<decltype(u)>::type U;
+      U kv;
+      std::memcpy(&kv, kp + c, sizeof kv);
+      L::load(x + n * C + c, u);
+      u -= kv;
+      w = u;
+    }, sums.data(), sums.data() + C);
+  } else {
+    const CT *kp = k.data();
+    plane_sums<T>(v, [x, kp, C, S](int64_t n, int64_t c) {
+      const T *p = x + (n * C + c) * S;
+      const CT kc = kp[c];
+      return [p, kc](int64_t i, auto &u, auto &w) {
+        L::load(p + i, u);
+        u -= kc;
+        w = u;
+      };
+    }, sums.data(), sums.data() + C);
   }
-  out[3 * C] = static_cast<float>(static_cast<double>(v.n) * static_cast<double>(v.s));
+  const double count = static_cast<double>(v.n) * static_cast<double>(S);
+  for (int64_t c = 0; c < C; ++c) {
+    out[c] = static_cast<float>(sums[c]);
+    out[C + c] = static_cast<float>(sums[C + c]);
+    out[2 * C + c] = static_cast<float>(count * static_cast<double>(shift[c]));
+  }
+  out[3 * C] = static_cast<float>(count);
 }
 
 // -------------------------------------------------------------- normalize --
@@ -153,23 +542,47 @@ void local_stats(const T *x, const float *shift, float *out, NCS v) {
 //   in  mean    (C,) f32,  invstd (C,) f32,  weight (C,) f32,  bias (C,) f32
 //   out y       (N, C, *)  dtype of x
 //   y = (x - mean) * invstd * weight + bias, evaluated as (x - mean) * a + bias
-//   with a = weight * invstd per channel. Subtracting first keeps large-mean
-//   data exact (x - mean is exact when x and mean are close).
+//   with a = weight * invstd per channel (in the compute type). Subtracting
+//   first keeps large-mean data exact (x - mean is exact when x and mean are
+//   close).
 template <typename T>
 void normalize(const T *x, const float *mean, const float *invstd, const float *weight,
                const float *bias, T *y, NCS v) {
-  typedef typename compute_type<T>::type CT;
-  const int64_t planes = v.n * v.c;
-#pragma omp parallel for schedule(static) num_threads(threads_for(planes, planes * v.s))
-  for (int64_t pl = 0; pl < planes; ++pl) {
-    const int64_t c = pl % v.c;
-    const CT a = static_cast<CT>(weight[c]) * static_cast<CT>(invstd[c]);
-    const CT m = static_cast<CT>(mean[c]);
-    const CT b = static_cast<CT>(bias[c]);
-    const T *src = x + pl * v.s;
-    T *dst = y + pl * v.s;
-#pragma omp simd
-    for (int64_t i = 0; i < v.s; ++i) dst[i] = store<T>((static_cast<CT>(to_f(src[i])) - m) * a + b);
+  typedef Lanes<T> L;
+  typedef typename L::CT CT;
+  const int64_t C = v.c, S = v.s;
+  std::vector<CT> coef(3 * C);  // [ a | mean | bias ]
+  CT *a = coef.data(), *m = a + C, *b = m + C;
+  for (int64_t c = 0; c < C; ++c) {
+    a[c] = static_cast<CT>(weight[c]) * static_cast<CT>(invstd[c]);
+    m[c] = static_cast<CT>(mean[c]);
+    b[c] = static_cast<CT>(bias[c]);
+  }
+  if (S == 1) {
+    for (int64_t n = 0; n < v.n; ++n) {
+      const T *src = x + n * C;
+      elementwise<T>(C, y + n * C, [src, a, m, b](int64_t c, auto &out) {
+        typedef typename std::remove_reference<decltype(out)>::type U;
+        U xv, av, mv, bv;
+        L::load(src + c, xv);
+        std::memcpy(&av, a + c, sizeof av);
+        std::memcpy(&mv, m + c, sizeof mv);
+        std::memcpy(&bv, b + c, sizeof bv);
+        out = (xv - mv) * av + bv;
+      });
+    }
+    return;
+  }
+  for (int64_t n = 0; n < v.n; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t off = (n * C + c) * S;
+      const T *src = x + off;
+      const CT ac = a[c], mc = m[c], bc = b[c];
+      elementwise<T>(S, y + off, [src, ac, mc, bc](int64_t i, auto &out) {
+        L::load(src + i, out);
+        out = (out - mc) * ac + bc;
+      });
+    }
   }
 }
 
@@ -179,34 +592,40 @@ void normalize(const T *x, const float *mean, const float *invstd, const float *
 //   in  x     (N, C, *)  f16 | bf16 | f32 | f64
 //   in  mean  (C,)       f32
 //   out sums  (2C,)      f32  [ sum(dy) (C) | sum(dy * (x - mean)) (C) ]  local sums
+// One pass over dy and x; an empty batch yields zeros.
 template <typename T>
 void backward_reduce(const T *dy, const T *x, const float *mean, float *out, NCS v) {
-  typedef typename compute_type<T>::type CT;
-  const int64_t C = v.c;
-  const int64_t kBlock = 2048;
-#pragma omp parallel for schedule(static) num_threads(threads_for(C, v.n * v.c * v.s))
-  for (int64_t c = 0; c < C; ++c) {
-    const CT m = static_cast<CT>(mean[c]);
-    double sdy = 0.0, sdyx = 0.0;
-    for (int64_t n = 0; n < v.n; ++n) {
-      const T *g = dy + (n * C + c) * v.s;
-      const T *p = x + (n * C + c) * v.s;
-      for (int64_t b = 0; b < v.s; b += kBlock) {
-        const int64_t e = b + kBlock < v.s ? b + kBlock : v.s;
-        CT a1 = 0, a2 = 0;
-#pragma omp simd reduction(+ : a1, a2)
-        for (int64_t i = b; i < e; ++i) {
-          const CT gi = static_cast<CT>(to_f(g[i]));
-          a1 += gi;
-          a2 += gi * (static_cast<CT>(to_f(p[i])) - m);
-        }
-        sdy += a1;
-        sdyx += a2;
-      }
-    }
-    out[c] = static_cast<float>(sdy);
-    out[C + c] = static_cast<float>(sdyx);
+  typedef Lanes<T> L;
+  typedef typename L::CT CT;
+  const int64_t C = v.c, S = v.s;
+  std::vector<double> sums(2 * C, 0.0);  // [ sum(dy) | sum(dy*(x-mean)) ]
+  std::vector<CT> m(C);
+  for (int64_t c = 0; c < C; ++c) m[c] = static_cast<CT>(mean[c]);
+  if (S == 1) {
+    const CT *mp = m.data();
+    column_sums<T>(v.n, C, [dy, x, mp, C](int64_t n, int64_t c, auto &u, auto &w) {
+      typedef typename std::remove_reference<decltype(u)>::type U;
+      U mv;
+      std::memcpy(&mv, mp + c, sizeof mv);
+      L::load(dy + n * C + c, u);
+      L::load(x + n * C + c, w);
+      w -= mv;
+    }, sums.data(), sums.data() + C);
+  } else {
+    const CT *mp = m.data();
+    plane_sums<T>(v, [dy, x, mp, C, S](int64_t n, int64_t c) {
+      const int64_t off = (n * C + c) * S;
+      const T *g = dy + off;
+      const T *p = x + off;
+      const CT mc = mp[c];
+      return [g, p, mc](int64_t i, auto &u, auto &w) {
+        L::load(g + i, u);
+        L::load(p + i, w);
+        w -= mc;
+      };
+    }, sums.data(), sums.data() + C);
   }
+  for (int64_t c = 0; c < 2 * C; ++c) out[c] = static_cast<float>(sums[c]);
 }
 
 // --------------------------------------------------------- backward_elemt --
@@ -216,40 +635,67 @@ void backward_reduce(const T *dy, const T *x, const float *mean, float *out, NCS
 //   in  mean, invstd, weight  (C,) f32
 //   in  sums    (2C,) f32  [ sum(dy) | sum(dy * (x - mean)) ] over the whole group
 //   in  count   (1,)  f32  number of elements per channel over the whole group
+//                          (a count <= 0 is treated as 1)
 //   out dx      (N, C, *)  dtype of x
 //   dx = weight * invstd * (dy - sum(dy)/count - (x - mean) * invstd^2 * sum(dy*(x-mean))/count),
-//   evaluated as dx = a * dy + p * (x - mean) + q with per-channel a, p, q.
+//   evaluated as dx = a * dy + p * (x - mean) + q with per-channel a, p, q
+//   computed in double once per call and rounded to the compute type.
 template <typename T>
 void backward_elemt(const T *dy, const T *x, const float *mean, const float *invstd,
                     const float *weight, const float *sums, const float *count, T *dx, NCS v) {
-  typedef typename compute_type<T>::type CT;
-  const int64_t planes = v.n * v.c;
+  typedef Lanes<T> L;
+  typedef typename L::CT CT;
+  const int64_t C = v.c, S = v.s;
   const double cnt = count[0] > 0.0f ? static_cast<double>(count[0]) : 1.0;
-#pragma omp parallel for schedule(static) num_threads(threads_for(planes, planes * v.s))
-  for (int64_t pl = 0; pl < planes; ++pl) {
-    const int64_t c = pl % v.c;
+  std::vector<CT> coef(4 * C);  // [ a | p | q | mean ]
+  CT *a = coef.data(), *p = a + C, *q = p + C, *m = q + C;
+  for (int64_t c = 0; c < C; ++c) {
     const double is = invstd[c];
-    const double a = static_cast<double>(weight[c]) * is;
-    const double p = -a * is * is * (static_cast<double>(sums[v.c + c]) / cnt);
-    const double q = -a * (static_cast<double>(sums[c]) / cnt);
-    const CT ac = static_cast<CT>(a), pc = static_cast<CT>(p), qc = static_cast<CT>(q);
-    const CT m = static_cast<CT>(mean[c]);
-    const T *g = dy + pl * v.s;
-    const T *src = x + pl * v.s;
-    T *dst = dx + pl * v.s;
-#pragma omp simd
-    for (int64_t i = 0; i < v.s; ++i)
-      dst[i] = store<T>(ac * static_cast<CT>(to_f(g[i])) + pc * (static_cast<CT>(to_f(src[i])) - m) + qc);
+    const double ad = static_cast<double>(weight[c]) * is;
+    a[c] = static_cast<CT>(ad);
+    p[c] = static_cast<CT>(-ad * is * is * (static_cast<double>(sums[C + c]) / cnt));
+    q[c] = static_cast<CT>(-ad * (static_cast<double>(sums[c]) / cnt));
+    m[c] = static_cast<CT>(mean[c]);
+  }
+  if (S == 1) {
+    for (int64_t n = 0; n < v.n; ++n) {
+      const T *g = dy + n * C;
+      const T *src = x + n * C;
+      elementwise<T>(C, dx + n * C, [g, src, a, p, q, m](int64_t c, auto &out) {
+        typedef typename std::remove_reference<decltype(out)>::type U;
+        U gv, xv, av, pv, qv, mv;
+        L::load(g + c, gv);
+        L::load(src + c, xv);
+        std::memcpy(&av, a + c, sizeof av);
+        std::memcpy(&pv, p + c, sizeof pv);
+        std::memcpy(&qv, q + c, sizeof qv);
+        std::memcpy(&mv, m + c, sizeof mv);
+        out = av * gv + pv * (xv - mv) + qv;
+      });
+    }
+    return;
+  }
+  for (int64_t n = 0; n < v.n; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t off = (n * C + c) * S;
+      const T *g = dy + off;
+      const T *src = x + off;
+      const CT ac = a[c], pc = p[c], qc = q[c], mc = m[c];
+      elementwise<T>(S, dx + off, [g, src, ac, pc, qc, mc](int64_t i, auto &out) {
+        typedef typename std::remove_reference<decltype(out)>::type U;
+        U gv;
+        L::load(g + i, gv);
+        L::load(src + i, out);
+        out = ac * gv + pc * (out - mc) + qc;
+      });
+    }
   }
 }
 
-}  // namespace
-
-// ------------------------------------------------------ exported entries --
-// Parameter order is the contract order above: inputs, then the output.
-namespace {
+// ------------------------------------------------------ per-dtype entries --
 template <typename T> T *as(void *p) { return static_cast<T *>(p); }
 
+// Parameter order is the contract order above: inputs, then the output.
 template <typename T> void run_local_stats(void **p, NCS v) {
   local_stats<T>(as<const T>(p[0]), as<const float>(p[1]), as<float>(p[2]), v);
 }
@@ -265,31 +711,15 @@ template <typename T> void run_backward_elemt(void **p, NCS v) {
                     as<const float>(p[3]), as<const float>(p[4]), as<const float>(p[5]),
                     as<const float>(p[6]), as<T>(p[7]), v);
 }
+
 }  // namespace
 
-// x is always params[1] for the backward kernels (dy first), params[0] otherwise.
-extern "C" int LocalStats(int nparam, void **params, int *ndims, int64_t **shapes,
-                          const char **dtypes, void *, void *) {
-  if (nparam != 3 || ndims[0] < 2) return 1;
-  MSSBN_DISPATCH(dtypes[0], run_local_stats, params, ncs_of(ndims[0], shapes[0]));
-}
+// [kernel][dtype], dtypes in DType order: f16, bf16, f32, f64.
+#define MSSBN_ROW(fn) {fn<f16>, fn<bf16>, fn<float>, fn<double>}
+extern const KernelTable kernels = {MSSBN_ROW(run_local_stats), MSSBN_ROW(run_normalize),
+                                    MSSBN_ROW(run_backward_reduce), MSSBN_ROW(run_backward_elemt)};
+#undef MSSBN_ROW
 
-extern "C" int Normalize(int nparam, void **params, int *ndims, int64_t **shapes,
-                         const char **dtypes, void *, void *) {
-  if (nparam != 6 || ndims[0] < 2) return 1;
-  MSSBN_DISPATCH(dtypes[0], run_normalize, params, ncs_of(ndims[0], shapes[0]));
-}
-
-extern "C" int BackwardReduce(int nparam, void **params, int *ndims, int64_t **shapes,
-                              const char **dtypes, void *, void *) {
-  if (nparam != 4 || ndims[1] < 2) return 1;
-  if (std::strcmp(dtypes[0], dtypes[1]) != 0) return 1;
-  MSSBN_DISPATCH(dtypes[1], run_backward_reduce, params, ncs_of(ndims[1], shapes[1]));
-}
-
-extern "C" int BackwardElemt(int nparam, void **params, int *ndims, int64_t **shapes,
-                             const char **dtypes, void *, void *) {
-  if (nparam != 8 || ndims[1] < 2) return 1;
-  if (std::strcmp(dtypes[0], dtypes[1]) != 0) return 1;
-  MSSBN_DISPATCH(dtypes[1], run_backward_elemt, params, ncs_of(ndims[1], shapes[1]));
-}
+}  // namespace MSSBN_ISA
+}  // namespace mssbn
+#endif  // MSSBN_ISA
