@@ -1,0 +1,373 @@
+"""SyncBatchNorm in one plain process (no ``init()``): arguments, input checks, local batch norm.
+
+Without communication the layer must be a batch norm over the local batch, in
+PyNative and in graph mode; every number is compared with the float64
+reference (tests/reference.py) and once with torch's BatchNorm in float64.
+"""
+import inspect
+import pydoc
+import warnings
+from typing import Optional
+
+import numpy as np
+import pytest
+import mindspore as ms
+
+from ms_syncbn import SyncBatchNorm
+from tests.workers.core_checks import (assert_close, batch_stats_step, expected_training,
+                                       frozen_stats_step)
+from tests.workers.core_steps import LayerDriver, random_batch, round_to, set_parameters
+
+EPS = 1e-5
+FLOAT32_TOL = 2e-5
+
+
+@pytest.fixture(params=[ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])
+def mode(request):
+    """Run the test in PyNative and in graph mode; leave the process in PyNative."""
+    ms.set_context(mode=request.param)
+    yield request.param
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+@pytest.fixture(params=["pynative", "graph", "jit"])
+def execution(request):
+    """PyNative, graph mode, or PyNative with the step compiled by mindspore.jit; yields use_jit."""
+    ms.set_context(mode=ms.GRAPH_MODE if request.param == "graph" else ms.PYNATIVE_MODE)
+    yield request.param == "jit"
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+# ----------------------------------------------------------------- constructor arguments --
+
+def _assert_names(err, argument, value):
+    message = str(err.value)
+    assert argument in message, f"message does not name {argument!r}: {message}"
+    assert repr(value) in message or str(value) in message, \
+        f"message does not show the value {value!r}: {message}"
+
+
+@pytest.mark.parametrize("value", [True, False, 2.0, 3.5, "4", None, np.float32(4.0)])
+def test_num_features_not_int_is_type_error(value):
+    with pytest.raises(TypeError) as err:
+        SyncBatchNorm(value)
+    _assert_names(err, "num_features", value)
+
+
+@pytest.mark.parametrize("value", [0, -1, -8])
+def test_num_features_below_one_is_value_error(value):
+    with pytest.raises(ValueError) as err:
+        SyncBatchNorm(value)
+    _assert_names(err, "num_features", value)
+
+
+@pytest.mark.parametrize("value", [1, 0, 7, "1e-5", None, True])
+def test_eps_not_float_is_type_error(value):
+    with pytest.raises(TypeError) as err:
+        SyncBatchNorm(3, eps=value)
+    _assert_names(err, "eps", value)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, 2.0, -1e-9, 1.0000001])
+def test_momentum_outside_unit_interval_is_value_error(value):
+    with pytest.raises(ValueError) as err:
+        SyncBatchNorm(3, momentum=value)
+    _assert_names(err, "momentum", value)
+
+
+@pytest.mark.parametrize("value", [None, 0.0, 1.0, 0.25])
+def test_momentum_in_unit_interval_or_none_is_accepted(value):
+    assert SyncBatchNorm(3, momentum=value).momentum == value
+
+
+@pytest.mark.parametrize("argument", ["affine", "track_running_stats"])
+@pytest.mark.parametrize("value", [1, 0, "yes", None])
+def test_flag_not_bool_is_type_error(argument, value):
+    with pytest.raises(TypeError) as err:
+        SyncBatchNorm(3, **{argument: value})
+    _assert_names(err, argument, value)
+
+
+def test_process_group_without_init_warns_and_normalizes_locally():
+    with pytest.warns(UserWarning, match="process_group") as record:
+        layer = SyncBatchNorm(3, process_group="0-1")
+    assert any("0-1" in str(w.message) for w in record)
+    rng = np.random.default_rng(11)
+    x, dy = random_batch(rng, (5, 3, 4)), rng.standard_normal((5, 3, 4)).astype(np.float32)
+    got = LayerDriver(layer).train(x, dy)
+    want = batch_stats_step(x, dy, np.ones(3), np.zeros(3), EPS)
+    for key in ("y", "dx", "dweight", "dbias"):
+        assert_close(got[key], want[key], FLOAT32_TOL, key)
+
+
+def test_no_warning_without_process_group():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SyncBatchNorm(3)
+
+
+# ------------------------------------------------------------ parameters, doc, signature --
+
+def test_parameters_and_buffers_are_named_and_initialized_like_batchnorm():
+    layer = SyncBatchNorm(4)
+    assert layer.weight.name == "weight" and layer.bias.name == "bias"
+    assert layer.running_mean.name == "running_mean" and layer.running_var.name == "running_var"
+    assert layer.num_batches_tracked.name == "num_batches_tracked"
+    assert [p.name for p in layer.trainable_params()] == ["weight", "bias"]
+    for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+        param = getattr(layer, name)
+        assert param.shape == (4,) and param.dtype == ms.float32, name
+        np.testing.assert_array_equal(param.asnumpy(), np.full(4, value, np.float32), err_msg=name)
+    assert layer.num_batches_tracked.dtype == ms.int64 and layer.num_batches_tracked.shape == ()
+    assert int(layer.num_batches_tracked.asnumpy()) == 0
+    assert not layer.running_mean.requires_grad and not layer.running_var.requires_grad
+
+
+def test_affine_false_and_untracked_have_no_such_parameters():
+    layer = SyncBatchNorm(4, affine=False, track_running_stats=False)
+    assert layer.weight is None and layer.bias is None
+    assert layer.running_mean is None and layer.running_var is None
+    assert layer.num_batches_tracked is None
+    assert layer.trainable_params() == []
+
+
+def test_dtype_sets_parameter_dtype():
+    layer = SyncBatchNorm(4, dtype=ms.float16)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        assert getattr(layer, name).dtype == ms.float16, name
+
+
+def test_signature_is_the_documented_one():
+    def documented(num_features: int, eps: float = 1e-5, momentum: float = 0.1,
+                   affine: bool = True, track_running_stats: bool = True,
+                   process_group: Optional[str] = None, dtype=None):
+        pass
+
+    assert inspect.signature(SyncBatchNorm) == inspect.signature(documented)
+
+
+def test_docstring_shows_the_formula_in_latex_and_plain_text():
+    doc = SyncBatchNorm.__doc__
+    assert ".. math::" in doc
+    assert r"\frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta" in doc
+    assert "y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta" in doc
+    assert "y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta" in pydoc.render_doc(
+        SyncBatchNorm, renderer=pydoc.plaintext)
+
+
+# -------------------------------------------------------------------------- input checks --
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape, dtype, error, shown", [
+    ((6,), np.float32, ValueError, "6"),
+    ((4, 2, 5), np.float32, ValueError, "2"),
+    ((4, 5), np.float32, ValueError, "5"),
+    ((4, 3, 5), np.int32, TypeError, "int32"),
+    ((4, 3, 5), np.bool_, TypeError, "bool"),
+], ids=["1d", "channels2", "channels5_2d", "int32", "bool"])
+def test_malformed_input_raises_before_any_kernel(mode, training, shape, dtype, error, shown):
+    layer = SyncBatchNorm(3)
+    layer.set_train(training)
+    with pytest.raises(error) as err:
+        layer(ms.Tensor(np.ones(shape, dtype)))
+    assert shown in str(err.value).lower(), str(err.value)
+    _assert_state_untouched(layer)
+    _assert_still_works(layer)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1)])
+def test_training_with_one_value_per_channel_is_value_error(mode, shape):
+    layer = SyncBatchNorm(3)
+    layer.set_train(True)
+    with pytest.raises(ValueError, match="1 value per channel|more than 1 value") as err:
+        layer(ms.Tensor(np.ones(shape, np.float32)))
+    assert "value per channel" in str(err.value)
+    _assert_state_untouched(layer)
+    _assert_still_works(layer)
+
+
+def test_one_value_per_channel_is_fine_in_eval(mode):
+    layer = SyncBatchNorm(3)
+    set_parameters(layer, [1.5, -0.5, 2.0], [0.1, 0.2, -0.3])
+    x = np.array([[1.0, -2.0, 3.0]], np.float32)
+    dy = np.array([[0.3, -1.1, 0.7]], np.float32)
+    got = LayerDriver(layer).evaluate(x, dy)
+    want = frozen_stats_step(x, dy, [1.5, -0.5, 2.0], [0.1, 0.2, -0.3], EPS, np.zeros(3), np.ones(3))
+    for key in ("y", "dx", "dweight", "dbias"):
+        assert_close(got[key], want[key], FLOAT32_TOL, key)
+
+
+def test_two_values_per_channel_train(mode):
+    rng = np.random.default_rng(5)
+    x, dy = random_batch(rng, (1, 3, 2)), rng.standard_normal((1, 3, 2)).astype(np.float32)
+    got = LayerDriver(SyncBatchNorm(3)).train(x, dy)
+    want = batch_stats_step(x, dy, np.ones(3), np.zeros(3), EPS)
+    for key in ("y", "dweight", "dbias"):
+        assert_close(got[key], want[key], FLOAT32_TOL, key)
+    # with two values dx is a near-total cancellation: judge it against the size of its terms
+    invstd = 1.0 / np.sqrt(x.astype(np.float64).var(axis=(0, 2)) + EPS)
+    assert_close(got["dx"], want["dx"], FLOAT32_TOL, "dx",
+                 scale=float(np.abs(dy * invstd.reshape(1, 3, 1)).max()))
+
+
+def test_empty_batch_trains_to_empty_output_and_changes_no_statistic(mode):
+    layer = SyncBatchNorm(3)
+    driver = LayerDriver(layer)
+    got = driver.train(np.zeros((0, 3, 4), np.float32), np.zeros((0, 3, 4), np.float32))
+    assert got["y"].shape == (0, 3, 4) and got["dx"].shape == (0, 3, 4)
+    np.testing.assert_array_equal(got["dweight"], np.zeros(3))
+    np.testing.assert_array_equal(got["dbias"], np.zeros(3))
+    _assert_state_untouched(layer)
+    _assert_still_works(layer)
+
+
+def _assert_state_untouched(layer):
+    np.testing.assert_array_equal(layer.running_mean.asnumpy(), np.zeros(3, np.float32))
+    np.testing.assert_array_equal(layer.running_var.asnumpy(), np.ones(3, np.float32))
+    assert int(layer.num_batches_tracked.asnumpy()) == 0
+
+
+def _assert_still_works(layer):
+    """A well-formed call after the error gives batch norm and counts one batch."""
+    rng = np.random.default_rng(3)
+    x, dy = random_batch(rng, (4, 3, 5)), rng.standard_normal((4, 3, 5)).astype(np.float32)
+    got = LayerDriver(layer).train(x, dy)
+    want = expected_training([x], [dy], np.ones(3), np.zeros(3), EPS, 0.1, True)[0]
+    for key in ("y", "dx", "dweight", "dbias", "running_mean", "running_var"):
+        assert_close(got[key] if key in got else getattr(layer, key).asnumpy(), want[key],
+                     FLOAT32_TOL, key)
+    assert int(layer.num_batches_tracked.asnumpy()) == 1
+
+
+# ------------------------------------------------------------- local batch norm, numbers --
+
+def _run_local(layer, shape, steps, seed, input_dtype="float32", jit=False):
+    """``steps`` training steps then one eval step on fresh data; returns inputs and results."""
+    rng = np.random.default_rng(seed)
+    channels = shape[1]
+    weight = rng.uniform(0.5, 2.0, channels) * rng.choice([-1, 1], channels)
+    bias = rng.uniform(-1, 1, channels)
+    if layer.affine:
+        set_parameters(layer, weight, bias)
+        # the layer's parameters may round (dtype=float16): the reference uses what it holds
+        weight, bias = layer.weight.asnumpy().astype(np.float64), layer.bias.asnumpy().astype(np.float64)
+    else:
+        weight, bias = np.ones(channels), np.zeros(channels)
+    driver = LayerDriver(layer, jit=jit)
+    xs, dys, results = [], [], []
+    for step in range(steps + 1):
+        x = round_to(random_batch(rng, shape, mean_scale=3.0 * (step + 1)), input_dtype)
+        dy = round_to(rng.standard_normal(shape), input_dtype)
+        xs.append(x)
+        dys.append(dy)
+        if step < steps:
+            results.append({**driver.train(x, dy, input_dtype), **driver.state()})
+        else:
+            results.append(driver.evaluate(x, dy, input_dtype))
+    return xs, dys, weight, bias, results
+
+
+def _check_local(layer, xs, dys, weight, bias, results, tol, stats_tol=None, momentum=0.1):
+    stats_tol = tol if stats_tol is None else stats_tol
+    steps = len(results) - 1
+    expected = expected_training(xs[:steps], dys[:steps], weight, bias, EPS, momentum,
+                                 layer.track_running_stats)
+    for step, (got, want) in enumerate(zip(results[:steps], expected)):
+        for key in ("y", "dx"):
+            assert_close(got[key], want[key], tol, f"step {step} {key}")
+        if layer.affine:
+            for key in ("dweight", "dbias"):
+                assert_close(got[key], want[key], tol, f"step {step} {key}")
+        if layer.track_running_stats:
+            for key in ("running_mean", "running_var"):
+                assert_close(got[key], want[key], stats_tol, f"step {step} {key}")
+            assert int(got["num_batches_tracked"]) == step + 1
+    if layer.track_running_stats:
+        final = expected[-1]
+        want = frozen_stats_step(xs[-1], dys[-1], weight, bias, EPS, final["running_mean"],
+                                 final["running_var"])
+    else:  # eval without running statistics: the batch's own statistics
+        want = batch_stats_step(xs[-1], dys[-1], weight, bias, EPS)
+    for key in ("y", "dx") + (("dweight", "dbias") if layer.affine else ()):
+        assert_close(results[-1][key], want[key], tol, f"eval {key}")
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (5, 4, 6), (4, 3, 5, 3), (3, 2, 3, 4, 2)],
+                         ids=["2d", "3d", "4d", "5d"])
+def test_local_layer_equals_batchnorm(execution, shape):
+    layer = SyncBatchNorm(shape[1])
+    xs, dys, weight, bias, results = _run_local(layer, shape, steps=3, seed=len(shape),
+                                                jit=execution)
+    for got in results:
+        assert got["y"].dtype == np.float32 and got["dx"].dtype == np.float32
+    _check_local(layer, xs, dys, weight, bias, results, FLOAT32_TOL)
+
+
+def test_local_affine_false_momentum_none_is_cumulative_average(execution):
+    layer = SyncBatchNorm(3, affine=False, momentum=None)
+    xs, dys, weight, bias, results = _run_local(layer, (6, 3, 4, 2), steps=3, seed=21,
+                                                jit=execution)
+    _check_local(layer, xs, dys, weight, bias, results, FLOAT32_TOL, momentum=None)
+
+
+def test_local_untracked_uses_batch_stats_in_train_and_eval(execution):
+    layer = SyncBatchNorm(4, track_running_stats=False)
+    xs, dys, weight, bias, results = _run_local(layer, (5, 4, 3), steps=2, seed=22,
+                                                jit=execution)
+    assert results[0]["running_mean"] is None and results[0]["num_batches_tracked"] is None
+    _check_local(layer, xs, dys, weight, bias, results, FLOAT32_TOL)
+
+
+@pytest.mark.parametrize("input_dtype, tol", [("float16", 4e-3), ("bfloat16", 2e-2)])
+def test_local_half_precision_input_with_float32_parameters(execution, input_dtype, tol):
+    layer = SyncBatchNorm(3)
+    xs, dys, weight, bias, results = _run_local(layer, (6, 3, 5), steps=3, seed=23,
+                                                input_dtype=input_dtype, jit=execution)
+    want_dtype = np.float16 if input_dtype == "float16" else np.float32  # bf16 travels as f32
+    for got in results:
+        assert got["y"].dtype == want_dtype and got["dx"].dtype == want_dtype
+    # statistics are accumulated in float32 or better: running stats much closer than tol
+    _check_local(layer, xs, dys, weight, bias, results, tol, stats_tol=1e-5)
+
+
+def test_local_bfloat16_output_dtype(mode):
+    layer = SyncBatchNorm(3)
+    layer.set_train(True)
+    y = layer(ms.Tensor(np.random.default_rng(0).standard_normal((4, 3)), ms.bfloat16))
+    assert y.dtype == ms.bfloat16 and y.shape == (4, 3)
+
+
+def test_local_float16_parameters(execution):
+    layer = SyncBatchNorm(3, dtype=ms.float16)
+    xs, dys, weight, bias, results = _run_local(layer, (6, 3, 5), steps=3, seed=24,
+                                                jit=execution)
+    for got in results:
+        assert got["y"].dtype == np.float32
+        assert got["dweight"].dtype == np.float16 and got["dbias"].dtype == np.float16
+    assert layer.running_mean.dtype == ms.float16 and layer.running_var.dtype == ms.float16
+    _check_local(layer, xs, dys, weight, bias, results, 4e-3)
+
+
+def test_local_layer_equals_torch_batchnorm_float64(execution):
+    import torch  # the test oracle (installed by launch/install.sh)
+    layer = SyncBatchNorm(3, momentum=0.2)
+    xs, dys, weight, bias, results = _run_local(layer, (5, 3, 4, 3), steps=3, seed=25,
+                                                jit=execution)
+    bn = torch.nn.BatchNorm2d(3, eps=EPS, momentum=0.2, dtype=torch.float64)
+    with torch.no_grad():
+        bn.weight.copy_(torch.from_numpy(weight))
+        bn.bias.copy_(torch.from_numpy(bias))
+    for step, (x, dy, got) in enumerate(zip(xs, dys, results)):
+        bn.train(step < len(xs) - 1)
+        bn.zero_grad()
+        xt = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
+        y = bn(xt)
+        (y * torch.from_numpy(dy.astype(np.float64))).sum().backward()
+        assert_close(got["y"], y.detach().numpy(), FLOAT32_TOL, f"step {step} y")
+        assert_close(got["dx"], xt.grad.numpy(), FLOAT32_TOL, f"step {step} dx")
+        assert_close(got["dweight"], bn.weight.grad.numpy(), FLOAT32_TOL, f"step {step} dweight")
+        assert_close(got["dbias"], bn.bias.grad.numpy(), FLOAT32_TOL, f"step {step} dbias")
+        if bn.training:
+            assert_close(got["running_mean"], bn.running_mean.numpy(), FLOAT32_TOL, "running_mean")
+            assert_close(got["running_var"], bn.running_var.numpy(), FLOAT32_TOL, "running_var")
+            assert int(got["num_batches_tracked"]) == int(bn.num_batches_tracked)

@@ -1,0 +1,108 @@
+"""Run a SyncBatchNorm through training and evaluation steps; every result comes back as NumPy.
+
+Shared by the single-process tests (tests/test_layer_single_process.py) and the
+msrun worker (tests/workers/sync_scenarios.py), so both drive the layer the same
+way in PyNative and in graph mode: one ``value_and_grad`` call per step gives
+the output y and the gradients for x, weight and bias of ``sum(y * dy)``, whose
+gradient with respect to y is exactly the upstream gradient dy.
+"""
+import numpy as np
+import mindspore as ms
+from mindspore import nn
+
+_MS_DTYPES = {"float16": ms.float16, "bfloat16": ms.bfloat16, "float32": ms.float32,
+              "float64": ms.float64}
+
+
+def to_tensor(array, dtype_name):
+    """NumPy array -> Tensor of dtype ``dtype_name``; bfloat16 arrays travel as float32."""
+    return ms.Tensor(np.asarray(array, np.float32 if dtype_name == "bfloat16" else None)).astype(
+        _MS_DTYPES[dtype_name])
+
+
+def to_numpy(tensor):
+    """Tensor -> NumPy array of the same dtype; bfloat16 (which NumPy lacks) -> float32, exactly."""
+    if tensor is None:
+        return None
+    if tensor.dtype == ms.bfloat16:
+        tensor = tensor.astype(ms.float32)
+    return tensor.asnumpy().copy()  # asnumpy() of a Parameter may share its memory
+
+
+def round_to(array, dtype_name):
+    """The values ``array`` takes once stored in ``dtype_name`` (as float32 for bfloat16)."""
+    array = np.asarray(array, np.float32)
+    if dtype_name == "bfloat16":  # round to nearest even on the top 16 bits
+        bits = array.view(np.uint32).astype(np.uint64)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.astype(np.uint32).view(np.float32)
+    return array.astype(dtype_name)
+
+
+class OutputDotUpstream(nn.Cell):
+    """(x, dy) -> (sum(layer(x) * dy) in float32, layer(x)); d loss / d layer(x) = dy."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def construct(self, x, dy):
+        y = self.layer(x)
+        return (y * dy).astype(ms.float32).sum(), y
+
+
+class LayerDriver:
+    """Training and evaluation steps of one layer; each step returns y, dx, dweight, dbias (NumPy).
+
+    Training and evaluation use separate wrapper Cells (and so separate compiled graphs in
+    graph mode); each switches the layer's mode right before it runs. ``jit=True`` compiles
+    each whole step (forward and gradient) with ``mindspore.jit``, as a PyNative user would.
+    """
+
+    def __init__(self, layer, jit=False):
+        self.layer = layer
+        weights = [layer.weight, layer.bias] if layer.affine else None
+        self.train_net = OutputDotUpstream(layer)
+        self.eval_net = OutputDotUpstream(layer)
+        compile_step = ms.jit if jit else (lambda step: step)
+        self.train_grad = compile_step(ms.value_and_grad(self.train_net, grad_position=0,
+                                                         weights=weights, has_aux=True))
+        self.eval_grad = compile_step(ms.value_and_grad(self.eval_net, grad_position=0,
+                                                        weights=weights, has_aux=True))
+
+    def _step(self, net, grad_fn, x, dy, dtype_name):
+        net.set_train(net is self.train_net)
+        (_, y), grads = grad_fn(to_tensor(x, dtype_name), to_tensor(dy, dtype_name))
+        if self.layer.affine:
+            dx, (dweight, dbias) = grads
+        else:
+            dx, dweight, dbias = grads, None, None
+        return {"y": to_numpy(y), "dx": to_numpy(dx),
+                "dweight": to_numpy(dweight), "dbias": to_numpy(dbias)}
+
+    def train(self, x, dy, dtype_name="float32"):
+        return self._step(self.train_net, self.train_grad, x, dy, dtype_name)
+
+    def evaluate(self, x, dy, dtype_name="float32"):
+        return self._step(self.eval_net, self.eval_grad, x, dy, dtype_name)
+
+    def state(self):
+        """Running statistics (None when not tracked) as NumPy."""
+        layer = self.layer
+        return {"running_mean": to_numpy(layer.running_mean), "running_var": to_numpy(layer.running_var),
+                "num_batches_tracked": to_numpy(layer.num_batches_tracked)}
+
+
+def set_parameters(layer, weight, bias):
+    """Give an affine layer its (C,) weight and bias (in the layer's parameter dtype)."""
+    layer.weight.set_data(ms.Tensor(np.asarray(weight, np.float32)).astype(layer.weight.dtype))
+    layer.bias.set_data(ms.Tensor(np.asarray(bias, np.float32)).astype(layer.bias.dtype))
+
+
+def random_batch(rng, shape, mean_scale=3.0, std_range=(0.5, 2.0)):
+    """Float32 data with a random mean and spread per channel (N, C, *)."""
+    channels = shape[1]
+    per_channel = (1, channels) + (1,) * (len(shape) - 2)
+    mean = rng.uniform(-mean_scale, mean_scale, channels).reshape(per_channel)
+    std = rng.uniform(*std_range, channels).reshape(per_channel)
+    return (mean + std * rng.standard_normal(shape)).astype(np.float32)

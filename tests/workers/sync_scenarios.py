@@ -1,0 +1,186 @@
+"""msrun worker: run many SyncBatchNorm scenarios in one job; every rank saves what it saw and got.
+
+Launched by tests/test_sync_multiprocess.py through tests/harness.py::run_msrun:
+
+    sync_scenarios.py --out DIR --mode {pynative,graph} SCENARIO [SCENARIO ...]
+
+Each scenario builds a layer, trains it for a few steps and evaluates it. All
+members of a group draw the group's full batches from a shared seed and keep
+their own slice (batch sizes differ between ranks, and may be 0), so the test
+can rebuild the full batch from the saved slices and check it against
+tests/reference.py. Per scenario and rank it writes ``DIR/<scenario>/rank<r>.npz``
+(inputs, upstream gradients, outputs, gradients, running statistics per step)
+and ``rank<r>.json`` (group, sizes, layer arguments, and the error if one was
+raised). Results are written as each scenario ends, so a later hang or crash
+cannot hide earlier results. A scenario that raises is recorded and the next
+one runs.
+"""
+import argparse
+import json
+import os
+import traceback
+import zlib
+
+import numpy as np
+import mindspore as ms
+from mindspore.communication import create_group, get_group_size, get_rank, init
+
+from core_steps import LayerDriver, random_batch, round_to, set_parameters
+from ms_syncbn import SyncBatchNorm
+
+EPS = 1e-5
+
+# A scenario: per-step local batch sizes of the group members (group order), the
+# trailing shape (C, *), layer arguments, input dtype, data, eval batch sizes, and
+# optionally the subgroups: {name: ranks}; a rank runs the one it belongs to.
+SCENARIOS = {
+    "uneven_4d": dict(sizes=[[3, 5]] * 3, tail=(4, 3, 3), eval_sizes=[2, 4]),
+    "empty_rank": dict(sizes=[[0, 6], [4, 0], [0, 5]], tail=(3, 5), eval_sizes=[0, 3]),
+    "large_mean": dict(sizes=[[3, 5]] * 2, tail=(3, 8, 8), eval_sizes=[2, 3], mean=1e4, std=2.0,
+                       layer=dict(momentum=1.0)),
+    "float16": dict(sizes=[[3, 5]] * 2, tail=(3, 4, 4), eval_sizes=[2, 2], dtype="float16"),
+    "bfloat16": dict(sizes=[[2, 5]] * 2, tail=(3, 6), eval_sizes=[2, 2], dtype="bfloat16"),
+    "affine_false_cma": dict(sizes=[[4, 3], [2, 6], [5, 1]], tail=(3, 5), eval_sizes=[3, 1],
+                             layer=dict(affine=False, momentum=None)),
+    "untracked": dict(sizes=[[3, 5]] * 2, tail=(2, 4, 3), eval_sizes=[3, 2],
+                      layer=dict(track_running_stats=False)),
+    "rank2": dict(sizes=[[1, 4], [5, 2], [3, 3]], tail=(5,), eval_sizes=[1, 2]),
+    "rank3": dict(sizes=[[2, 3]] * 2, tail=(3, 7), eval_sizes=[2, 1]),
+    "rank5": dict(sizes=[[2, 3]] * 2, tail=(2, 3, 2, 4), eval_sizes=[1, 2]),
+    # the group's batch holds one value per channel: every rank must raise
+    "one_value": dict(sizes=[[1, 0]], tail=(3,), eval_sizes=[1, 1]),
+    # 4 ranks
+    "world4_uneven": dict(sizes=[[2, 0, 3, 5], [1, 4, 0, 2], [3, 3, 1, 0]], tail=(3, 4),
+                          eval_sizes=[1, 0, 2, 1], layer=dict(momentum=0.3)),
+    "subgroups": dict(groups={"0-1": [0, 1], "2-3": [2, 3]}, tail=(3, 2, 3), eval_sizes=[2, 1],
+                      sizes={"0-1": [[3, 5], [2, 2], [4, 1]], "2-3": [[1, 6], [0, 3], [5, 5]]},
+                      mean={"0-1": 0.0, "2-3": 50.0}, std=2.0, layer=dict(momentum=0.5)),
+    # constructor errors that need init(): a group that was never created, and the group of
+    # the other half of the world (run after "subgroups", which created each rank's own half)
+    "group_errors": dict(kind="group_errors",
+                         groups={"no-such-group": None, "0-1": [0, 1], "2-3": [2, 3]}),
+}
+
+
+def _group_of(spec, rank):
+    """(group name or None, world ranks in group order) of this rank for the scenario."""
+    groups = spec.get("groups")
+    if groups is None:
+        return None, list(range(get_group_size()))
+    for name, ranks in groups.items():
+        if rank in ranks:
+            return name, ranks
+    raise ValueError(f"rank {rank} is in none of the groups {groups}")
+
+
+def _per_group(value, group):
+    return value[group] if isinstance(value, dict) else value
+
+
+def run_scenario(name, spec, rank, created_groups):
+    group, ranks = _group_of(spec, rank)
+    if group is not None and group not in created_groups:
+        create_group(group, ranks)  # only the group this rank belongs to
+        created_groups.add(group)
+    member = ranks.index(rank)
+    dtype = spec.get("dtype", "float32")
+    layer_args = dict(spec.get("layer", {}))
+    channels = spec["tail"][0]
+    rng = np.random.default_rng(zlib.crc32(f"{name}/{group}".encode()))  # shared by the group
+    meta = dict(scenario=name, rank=rank, group=group, group_ranks=ranks, member=member,
+                dtype=dtype, eps=EPS, layer=layer_args, momentum=layer_args.get("momentum", 0.1))
+    arrays = {}
+    layer = SyncBatchNorm(channels, eps=EPS, process_group=group, **layer_args)
+    if layer.affine:
+        weight = rng.uniform(0.5, 2.0, channels) * rng.choice([-1.0, 1.0], channels)
+        set_parameters(layer, weight, rng.uniform(-1.0, 1.0, channels))
+        arrays["weight"] = layer.weight.asnumpy()
+        arrays["bias"] = layer.bias.asnumpy()
+    driver = LayerDriver(layer)
+    mean = _per_group(spec.get("mean"), group)
+    steps = _per_group(spec["sizes"], group)
+    meta["steps"] = len(steps)
+    try:
+        for step, sizes in enumerate(steps):
+            shape = (sum(sizes),) + spec["tail"]
+            if mean is None:  # a new spread of channel means each step: the shift must follow
+                full = random_batch(rng, shape, mean_scale=3.0 * (step + 1))
+            else:  # channel means within 1 of mean (+ step), spreads in [std/2, std]
+                full = random_batch(rng, shape, mean_scale=1.0, std_range=(spec["std"] / 2, spec["std"]))
+                full = (full.astype(np.float64) + mean + step).astype(np.float32)
+            full = round_to(full, dtype)
+            upstream = round_to(rng.standard_normal(full.shape), dtype)
+            start = sum(sizes[:member])
+            x = full[start:start + sizes[member]]
+            dy = upstream[start:start + sizes[member]]
+            arrays[f"x{step}"], arrays[f"dy{step}"] = x, dy
+            for key, value in {**driver.train(x, dy, dtype), **driver.state()}.items():
+                if value is not None:
+                    arrays[f"{key}{step}"] = value
+        # evaluation: each rank its own batch; rank 0 evaluates twice and the others once,
+        # which would desynchronise (and hang) any collective hidden in evaluation
+        eval_rng = np.random.default_rng(1000 + rank)
+        eval_size = spec["eval_sizes"][member]
+        for call in range(2 if member == 0 else 1):
+            x = round_to(random_batch(eval_rng, (eval_size,) + spec["tail"]), dtype)
+            dy = round_to(eval_rng.standard_normal(x.shape), dtype)
+            arrays[f"eval_x{call}"], arrays[f"eval_dy{call}"] = x, dy
+            for key, value in driver.evaluate(x, dy, dtype).items():
+                if value is not None:
+                    arrays[f"eval_{key}{call}"] = value
+        meta["status"] = "ok"
+    except Exception as err:  # recorded for the test to judge; the next scenario still runs
+        meta.update(status="error", error_type=type(err).__name__, message=str(err),
+                    traceback=traceback.format_exc())
+        try:  # what the failed call left behind
+            arrays.update({f"after_error_{key}": value for key, value in driver.state().items()
+                           if value is not None})
+        except Exception as state_err:  # graph mode may report the error again here
+            meta["state_error"] = f"{type(state_err).__name__}: {state_err}"
+    return meta, arrays
+
+
+def check_group_arguments(spec, rank):
+    """Try to build a layer on each group of ``spec`` this rank is not a member of; record the error."""
+    meta = dict(rank=rank, status="ok", outcomes={})
+    for group, ranks in spec["groups"].items():
+        if ranks is not None and rank in ranks:
+            continue
+        try:
+            SyncBatchNorm(3, process_group=group)
+            meta["outcomes"][group] = dict(error_type=None, message="")
+        except Exception as err:  # the test checks the type and message
+            meta["outcomes"][group] = dict(error_type=type(err).__name__, message=str(err))
+    return meta, {}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--mode", choices=["pynative", "graph"], required=True)
+    parser.add_argument("scenarios", nargs="+", choices=sorted(SCENARIOS))
+    args = parser.parse_args()
+    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE,
+                   device_target="CPU")
+    init()
+    rank = get_rank()
+    created_groups = set()
+    for name in args.scenarios:
+        spec = SCENARIOS[name]
+        if spec.get("kind") == "group_errors":
+            meta, arrays = check_group_arguments(spec, rank)
+        else:
+            meta, arrays = run_scenario(name, spec, rank, created_groups)
+        meta["mode"] = args.mode
+        out_dir = os.path.join(args.out, name)
+        os.makedirs(out_dir, exist_ok=True)
+        np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **arrays)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        print(f"rank {rank}: {name} {meta['status']}", flush=True)
+    with open(os.path.join(args.out, f"done_rank{rank}"), "w") as f:
+        f.write("ok\n")
+
+
+if __name__ == "__main__":
+    main()
