@@ -1,0 +1,576 @@
+"""Unit tests of the CPU kernels (ops/cpu/syncbn_cpu.cc through ms_syncbn.kernels.cpu).
+
+Single process, no msrun. Each kernel of ``cpu_kernels()`` is called directly
+and compared with a float64 NumPy evaluation of its contract (the contract
+comments in ops/cpu/syncbn_cpu.cc and ms_syncbn/kernels/__init__.py). The
+reference is computed from the values the kernel actually received (float16 /
+bfloat16 inputs are exact in float64), so the tolerances only cover the
+kernel's own arithmetic:
+
+* sums: float32 arithmetic in blocks accumulated in double -> error below
+  ``SUM_RTOL * sum(|terms|)`` per channel;
+* element-wise outputs: float32 arithmetic, then rounding to the output dtype
+  -> error below ``ELEM_RTOL * (sum of |partial terms|) + store_rtol * |ref|``.
+
+Also here: the graph-mode path, every compiled instruction set (AVX-512,
+AVX2, baseline; selected with MS_SYNCBN_CPU_ISA in a subprocess that calls
+the library through ctypes), and the size of the collective payloads, which
+must not depend on the world size.
+"""
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import nn
+
+from ms_syncbn.kernels.cpu import cpu_kernels, cpu_library_path
+from ms_syncbn.sync_function import SyncBatchNormFunction
+
+DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16,
+          "float64": ms.float64}
+# Per-term relative error of the kernels' arithmetic: float32 (float64 for float64 input).
+# Sums: up to 2048 terms in one float32 accumulator (S = 1), so allow ~100 roundings.
+SUM_RTOL = {"float32": 1e-5, "float16": 1e-5, "bfloat16": 1e-5, "float64": 1e-13}
+ELEM_RTOL = {"float32": 1e-6, "float16": 1e-6, "bfloat16": 1e-6, "float64": 1e-14}
+# Rounding of an element-wise result to the output dtype (half an ulp, with margin).
+STORE_RTOL = {"float32": 1.2e-7, "float16": 1e-3, "bfloat16": 8e-3, "float64": 2.3e-16}
+# ... and where the result is subnormal, half the subnormal spacing (float16's is 2^-24).
+STORE_ATOL = {"float32": 2.0 ** -150, "float16": 2.0 ** -25, "bfloat16": 2.0 ** -134,
+              "float64": 0.0}
+
+# (N, C, *): ranks 2..5, C = 1, S = 1, S = 7, N = 1, non-powers of two, planes
+# longer than the kernels' 2048-term summation block, more rows than a block
+# (S = 1 and S = 7), and empty batches.
+SHAPES = [
+    (6, 5),            # rank 2, S = 1
+    (9, 1),            # C = 1
+    (3, 4, 7),         # rank 3, S = 7
+    (1, 6, 5, 3),      # N = 1
+    (2, 3, 1, 1),      # rank 4 with S = 1
+    (2, 5, 3, 2, 3),   # rank 5
+    (3, 2, 45, 50),    # S = 2250 > one summation block
+    (2, 3, 4133),      # S = 4133: two blocks and a tail
+    (2100, 3),         # S = 1, more rows than one block
+    (700, 3, 7),       # S = 7, several row blocks
+    (17, 33, 3, 5),    # odd everything
+]
+EMPTY_SHAPES = [(0, 3), (0, 4, 5, 5)]
+WORKING_SHAPES = [s for s in SHAPES if s[0] > 0]
+
+
+# ----------------------------------------------------------------- inputs --
+def seed(*parts):
+    """A per-case seed that is stable across processes (str hashes are not)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def make_input(rng, shape, dtype, loc=0.0, scale=1.0):
+    """(Tensor of `dtype`, float64 array of exactly the values the kernel receives)."""
+    values = rng.normal(loc, scale, size=shape)
+    if dtype == "float64":
+        tensor = ms.Tensor(values, ms.float64)
+    else:
+        tensor = ms.Tensor(values.astype(np.float32)).astype(DTYPES[dtype])
+    return tensor, to_f64(tensor)
+
+
+def to_f64(tensor):
+    if tensor.dtype in (ms.float16, ms.bfloat16):
+        tensor = tensor.astype(ms.float32)
+    return tensor.asnumpy().astype(np.float64)
+
+
+def f32(values):
+    """A float32 per-channel tensor and the float64 copy of its float32 values."""
+    values = np.asarray(values, np.float32)
+    return ms.Tensor(values), values.astype(np.float64)
+
+
+def channel_view(v, ndim):
+    return np.asarray(v, np.float64).reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def reduce_axes(ndim):
+    return (0,) + tuple(range(2, ndim))
+
+
+def channel_params(rng, channels):
+    """Random mean, invstd (> 0), weight (any sign), bias as float32 tensors + float64 copies."""
+    return (f32(rng.normal(0.0, 0.5, channels)), f32(rng.uniform(0.5, 2.0, channels)),
+            f32(rng.normal(1.0, 0.5, channels)), f32(rng.normal(0.0, 0.5, channels)))
+
+
+# ------------------------------------------------------- contract in f64 --
+def local_stats_ref(x, shift):
+    """-> [sum(x-K) | sum((x-K)^2) | n*K | n] and the per-channel sums of |terms|."""
+    d = x - channel_view(shift, x.ndim)
+    axes = reduce_axes(x.ndim)
+    count = x.size // x.shape[1] if x.size else 0
+    ref = np.concatenate([d.sum(axis=axes), (d * d).sum(axis=axes), count * shift, [count]])
+    scale = np.concatenate([np.abs(d).sum(axis=axes), (d * d).sum(axis=axes),
+                            np.abs(count * shift), [count]])
+    return ref, scale
+
+
+def normalize_ref(x, mean, invstd, weight, bias):
+    """-> y and the per-element size of its terms."""
+    nd = x.ndim
+    a = channel_view(weight * invstd, nd)
+    centred = (x - channel_view(mean, nd)) * a
+    return centred + channel_view(bias, nd), np.abs(centred) + np.abs(channel_view(bias, nd))
+
+
+def backward_reduce_ref(dy, x, mean):
+    axes = reduce_axes(x.ndim)
+    prod = dy * (x - channel_view(mean, x.ndim))
+    return (np.concatenate([dy.sum(axis=axes), prod.sum(axis=axes)]),
+            np.concatenate([np.abs(dy).sum(axis=axes), np.abs(prod).sum(axis=axes)]))
+
+
+def backward_elemt_ref(dy, x, mean, invstd, weight, sums, count):
+    nd = x.ndim
+    channels = mean.shape[0]
+    cnt = count[0] if count[0] > 0 else 1.0
+    a = channel_view(weight * invstd, nd)
+    term_dy = a * dy
+    term_x = -a * channel_view(invstd ** 2 * sums[channels:] / cnt, nd) * (x - channel_view(mean, nd))
+    term_c = -a * channel_view(sums[:channels] / cnt, nd) + 0.0 * x
+    dx = term_dy + term_x + term_c
+    return dx, np.abs(term_dy) + np.abs(term_x) + np.abs(term_c)
+
+
+def assert_close(got, ref, scale, dtype, rtol, what):
+    got = np.asarray(got, np.float64)
+    assert got.shape == ref.shape, f"{what}: shape {got.shape}, expected {ref.shape}"
+    bound = rtol[dtype] * scale + STORE_RTOL[dtype] * np.abs(ref) + STORE_ATOL[dtype] + 1e-300
+    excess = np.abs(got - ref) - bound
+    worst = int(np.argmax(excess)) if excess.size else 0
+    assert excess.size == 0 or excess.flat[worst] <= 0, (
+        f"{what} ({dtype}): |got - ref| = {abs(got.flat[worst] - ref.flat[worst]):.3e} exceeds "
+        f"{bound.flat[worst]:.3e} at flat index {worst} (got {got.flat[worst]!r}, "
+        f"ref {ref.flat[worst]!r})")
+
+
+def assert_sums_close(got_tensor, ref, scale, dtype, what):
+    # Sums are float32 outputs: their own rounding is float32's, whatever the input dtype.
+    assert got_tensor.dtype == ms.float32, f"{what}: dtype {got_tensor.dtype}, expected float32"
+    got = got_tensor.asnumpy().astype(np.float64)
+    bound = SUM_RTOL[dtype] * scale + 1.2e-7 * np.abs(ref) + 1e-30
+    assert got.shape == ref.shape, f"{what}: shape {got.shape}, expected {ref.shape}"
+    bad = np.abs(got - ref) > bound
+    assert not bad.any(), (f"{what} ({dtype}): entries {np.flatnonzero(bad)[:8]} off: got "
+                           f"{got[bad][:4]}, expected {ref[bad][:4]} (bounds {bound[bad][:4]})")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return cpu_kernels()
+
+
+# ------------------------------------------------------------ local_stats --
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", WORKING_SHAPES, ids=str)
+def test_local_stats(kernels, shape, dtype):
+    rng = np.random.default_rng(seed(shape, dtype))
+    x, x64 = make_input(rng, shape, dtype, loc=0.7, scale=1.3)
+    shift, shift64 = f32(rng.normal(0.5, 0.5, shape[1]))
+    out = kernels.local_stats(x, shift)
+    ref, scale = local_stats_ref(x64, shift64)
+    assert out.shape == (3 * shape[1] + 1,)
+    assert_sums_close(out, ref, scale, dtype, "local_stats")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+def test_local_stats_large_mean_shift_near_mean(kernels, dtype):
+    """Data far from 0 with a shift near the mean: the shifted sums give the variance to float32
+    precision (plain sums of x and x^2 would lose it all)."""
+    rng = np.random.default_rng(7)
+    loc = 1000.0 if dtype == "float16" else 1.0e4
+    x, x64 = make_input(rng, (16, 3, 9, 11), dtype, loc=loc, scale=1.0)
+    true_mean = x64.mean(axis=(0, 2, 3))
+    true_var = x64.var(axis=(0, 2, 3))
+    shift, shift64 = f32(true_mean + rng.normal(0.0, 0.3, 3))
+    out = kernels.local_stats(x, shift).asnumpy().astype(np.float64)
+    channels = 3
+    s1, s2, nk, n = out[:channels], out[channels:2 * channels], out[2 * channels:3 * channels], out[-1]
+    ref, scale = local_stats_ref(x64, shift64)
+    assert_sums_close(ms.Tensor(out.astype(np.float32)), ref, scale, dtype, "local_stats large mean")
+    var = s2 / n - (s1 / n) ** 2
+    np.testing.assert_allclose(var, true_var, rtol=2e-5)
+    np.testing.assert_allclose(nk / n + s1 / n, true_mean, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
+def test_local_stats_empty_batch_is_all_zeros(kernels, shape, dtype):
+    x = ms.Tensor(np.zeros(shape, np.float32)).astype(DTYPES[dtype])
+    shift, _ = f32(np.arange(1, shape[1] + 1))
+    out = kernels.local_stats(x, shift).asnumpy()
+    np.testing.assert_array_equal(out, np.zeros(3 * shape[1] + 1, np.float32))
+
+
+# -------------------------------------------------------------- normalize --
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", WORKING_SHAPES, ids=str)
+def test_normalize(kernels, shape, dtype):
+    rng = np.random.default_rng(seed(shape, dtype, "n"))
+    x, x64 = make_input(rng, shape, dtype)
+    (mean, mean64), (invstd, invstd64), (weight, weight64), (bias, bias64) = channel_params(rng, shape[1])
+    y = kernels.normalize(x, mean, invstd, weight, bias)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    ref, scale = normalize_ref(x64, mean64, invstd64, weight64, bias64)
+    assert_close(to_f64(y), ref, scale, dtype, ELEM_RTOL, "normalize")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_normalize_large_mean_subtracts_first(kernels, dtype):
+    """x ~ 1e4: (x - mean) must be formed before scaling, or float32 loses the result."""
+    rng = np.random.default_rng(11)
+    x, x64 = make_input(rng, (8, 4, 6, 5), dtype, loc=1.0e4, scale=1.0)
+    mean, mean64 = f32(x64.mean(axis=(0, 2, 3)))
+    invstd, invstd64 = f32(1.0 / np.sqrt(x64.var(axis=(0, 2, 3)) + 1e-5))
+    weight, weight64 = f32(rng.normal(1.0, 0.2, 4))
+    bias, bias64 = f32(rng.normal(0.0, 0.2, 4))
+    y = kernels.normalize(x, mean, invstd, weight, bias)
+    ref, scale = normalize_ref(x64, mean64, invstd64, weight64, bias64)
+    assert_close(to_f64(y), ref, scale, dtype, ELEM_RTOL, "normalize large mean")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
+def test_normalize_empty_batch(kernels, shape, dtype):
+    rng = np.random.default_rng(3)
+    x = ms.Tensor(np.zeros(shape, np.float32)).astype(DTYPES[dtype])
+    (mean, _), (invstd, _), (weight, _), (bias, _) = channel_params(rng, shape[1])
+    y = kernels.normalize(x, mean, invstd, weight, bias)
+    assert y.shape == shape and y.dtype == x.dtype
+
+
+# -------------------------------------------------------- backward_reduce --
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", WORKING_SHAPES, ids=str)
+def test_backward_reduce(kernels, shape, dtype):
+    rng = np.random.default_rng(seed(shape, dtype, "r"))
+    x, x64 = make_input(rng, shape, dtype, loc=0.3)
+    dy, dy64 = make_input(rng, shape, dtype)
+    mean, mean64 = f32(rng.normal(0.3, 0.2, shape[1]))
+    out = kernels.backward_reduce(dy, x, mean)
+    assert out.shape == (2 * shape[1],)
+    ref, scale = backward_reduce_ref(dy64, x64, mean64)
+    assert_sums_close(out, ref, scale, dtype, "backward_reduce")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_backward_reduce_large_mean(kernels, dtype):
+    rng = np.random.default_rng(13)
+    x, x64 = make_input(rng, (8, 3, 7, 9), dtype, loc=1.0e4)
+    dy, dy64 = make_input(rng, (8, 3, 7, 9), dtype)
+    mean, mean64 = f32(x64.mean(axis=(0, 2, 3)))
+    out = kernels.backward_reduce(dy, x, mean)
+    ref, scale = backward_reduce_ref(dy64, x64, mean64)
+    assert_sums_close(out, ref, scale, dtype, "backward_reduce large mean")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
+def test_backward_reduce_empty_batch_is_all_zeros(kernels, shape, dtype):
+    zeros = ms.Tensor(np.zeros(shape, np.float32)).astype(DTYPES[dtype])
+    mean, _ = f32(np.ones(shape[1]))
+    out = kernels.backward_reduce(zeros, zeros, mean).asnumpy()
+    np.testing.assert_array_equal(out, np.zeros(2 * shape[1], np.float32))
+
+
+# --------------------------------------------------------- backward_elemt --
+def elemt_inputs(rng, shape, dtype, loc=0.0):
+    x, x64 = make_input(rng, shape, dtype, loc=loc)
+    dy, dy64 = make_input(rng, shape, dtype)
+    channels = shape[1]
+    mean, mean64 = f32(x64.mean(axis=reduce_axes(len(shape))) if x64.size else np.zeros(channels))
+    invstd, invstd64 = f32(rng.uniform(0.5, 2.0, channels))
+    weight, weight64 = f32(rng.normal(1.0, 0.5, channels))
+    # Group sums as after the all-reduce: of a bigger batch than the local one.
+    sums, sums64 = f32(rng.normal(0.0, 20.0, 2 * channels))
+    count, count64 = f32([max(x64.size // channels, 1) * 3])
+    return (dy, x, mean, invstd, weight, sums, count), (dy64, x64, mean64, invstd64, weight64, sums64, count64)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", WORKING_SHAPES, ids=str)
+def test_backward_elemt(kernels, shape, dtype):
+    rng = np.random.default_rng(seed(shape, dtype, "e"))
+    args, args64 = elemt_inputs(rng, shape, dtype)
+    dx = kernels.backward_elemt(*args)
+    assert dx.dtype == args[1].dtype and dx.shape == shape
+    ref, scale = backward_elemt_ref(*args64)
+    assert_close(to_f64(dx), ref, scale, dtype, ELEM_RTOL, "backward_elemt")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_backward_elemt_large_mean(kernels, dtype):
+    rng = np.random.default_rng(17)
+    args, args64 = elemt_inputs(rng, (6, 4, 5, 7), dtype, loc=1.0e4)
+    ref, scale = backward_elemt_ref(*args64)
+    assert_close(to_f64(kernels.backward_elemt(*args)), ref, scale, dtype, ELEM_RTOL,
+                 "backward_elemt large mean")
+
+
+def test_backward_elemt_zero_count_is_treated_as_one(kernels):
+    rng = np.random.default_rng(19)
+    args, args64 = elemt_inputs(rng, (3, 2, 4), "float32")
+    args = args[:-1] + (ms.Tensor(np.zeros(1, np.float32)),)
+    args64 = args64[:-1] + (np.zeros(1),)
+    ref, scale = backward_elemt_ref(*args64)
+    assert_close(to_f64(kernels.backward_elemt(*args)), ref, scale, "float32", ELEM_RTOL,
+                 "backward_elemt count 0")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
+def test_backward_elemt_empty_batch(kernels, shape, dtype):
+    rng = np.random.default_rng(23)
+    args, _ = elemt_inputs(rng, shape, dtype)
+    dx = kernels.backward_elemt(*args)
+    assert dx.shape == shape and dx.dtype == args[1].dtype
+
+
+# ------------------------------------------------------------- graph mode --
+class AllKernels(nn.Cell):
+    """The four kernels chained as in a training step, compiled as one graph."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.local_stats = table.local_stats
+        self.normalize = table.normalize
+        self.backward_reduce = table.backward_reduce
+        self.backward_elemt = table.backward_elemt
+
+    def construct(self, x, dy, shift, mean, invstd, weight, bias, count):
+        stats = self.local_stats(x, shift)
+        y = self.normalize(x, mean, invstd, weight, bias)
+        sums = self.backward_reduce(dy, x, mean)
+        dx = self.backward_elemt(dy, x, mean, invstd, weight, sums, count)
+        return stats, y, sums, dx
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kernels_in_graph_mode(kernels, dtype):
+    rng = np.random.default_rng(29)
+    shape = (5, 6, 3, 7)
+    x, x64 = make_input(rng, shape, dtype, loc=2.0)
+    dy, dy64 = make_input(rng, shape, dtype)
+    shift, shift64 = f32(rng.normal(2.0, 0.3, 6))
+    (mean, mean64), (invstd, invstd64), (weight, weight64), (bias, bias64) = channel_params(rng, 6)
+    count, count64 = f32([x64.size // 6])
+    previous_mode = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        stats, y, sums, dx = AllKernels(kernels)(x, dy, shift, mean, invstd, weight, bias, count)
+    finally:
+        ms.set_context(mode=previous_mode)
+    ref, scale = local_stats_ref(x64, shift64)
+    assert_sums_close(stats, ref, scale, dtype, "graph local_stats")
+    ref, scale = normalize_ref(x64, mean64, invstd64, weight64, bias64)
+    assert_close(to_f64(y), ref, scale, dtype, ELEM_RTOL, "graph normalize")
+    ref_sums, scale = backward_reduce_ref(dy64, x64, mean64)
+    assert_sums_close(sums, ref_sums, scale, dtype, "graph backward_reduce")
+    sums_used = sums.asnumpy().astype(np.float64)  # what backward_elemt received
+    ref, scale = backward_elemt_ref(dy64, x64, mean64, invstd64, weight64, sums_used, count64)
+    assert_close(to_f64(dx), ref, scale, dtype, ELEM_RTOL, "graph backward_elemt")
+
+
+# ------------------------------------------------- every instruction set --
+# Run in a subprocess (the library picks its instruction set once per process):
+# load the library with ctypes, call the four entry points with MindSpore's AOT
+# convention on the inputs in `cases.npz`, write the outputs.
+_ISA_RUNNER = r"""
+import ctypes, json, sys
+import numpy as np
+lib = ctypes.CDLL(sys.argv[1])
+lib.MsSyncBnCpuIsa.restype = ctypes.c_char_p
+cases = dict(np.load(sys.argv[2]))
+meta = json.loads(sys.argv[4])
+outputs = {}
+def call(symbol, arrays, dtypes):
+    n = len(arrays)
+    shapes = [(ctypes.c_int64 * max(a.ndim, 1))(*a.shape) for a in arrays]
+    rc = getattr(lib, symbol)(
+        n, (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays]),
+        (ctypes.c_int * n)(*[a.ndim for a in arrays]),
+        (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64)) for s in shapes]),
+        (ctypes.c_char_p * n)(*[d.encode() for d in dtypes]), None, None)
+    assert rc == 0, (symbol, rc)
+for key, dtype in meta.items():
+    x, dy = cases[key + ".x"], cases[key + ".dy"]
+    shift, mean, invstd, weight, bias, sums, count = (cases[key + "." + k] for k in
+        ("shift", "mean", "invstd", "weight", "bias", "sums", "count"))
+    C = x.shape[1]
+    e = [dtype, "float32"]
+    stats = np.zeros(3 * C + 1, np.float32); call("LocalStats", [x, shift, stats], [e[0], e[1], e[1]])
+    y = np.empty_like(x); call("Normalize", [x, mean, invstd, weight, bias, y], [e[0]] + [e[1]] * 4 + [e[0]])
+    red = np.zeros(2 * C, np.float32); call("BackwardReduce", [dy, x, mean, red], [e[0], e[0], e[1], e[1]])
+    dx = np.empty_like(x)
+    call("BackwardElemt", [dy, x, mean, invstd, weight, sums, count, dx], [e[0], e[0]] + [e[1]] * 5 + [e[0]])
+    outputs.update({key + ".stats": stats, key + ".y": y, key + ".red": red, key + ".dx": dx})
+np.savez(sys.argv[3], **outputs)
+print(lib.MsSyncBnCpuIsa().decode())
+"""
+
+_NUMPY_STORAGE = {"float32": np.float32, "float16": np.float16, "float64": np.float64,
+                  "bfloat16": np.uint16}
+
+
+def _to_storage(values, dtype):
+    """float64 values -> the array the library reads (bfloat16 as its 16 bits, round to nearest even)."""
+    if dtype != "bfloat16":
+        return values.astype(_NUMPY_STORAGE[dtype])
+    bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _from_storage(array, dtype):
+    if dtype != "bfloat16":
+        return array.astype(np.float64)
+    return (array.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+def test_every_instruction_set_meets_the_contracts(isa, tmp_path):
+    rng = np.random.default_rng(31)
+    cases, meta, inputs64 = {}, {}, {}
+    for dtype in DTYPES:
+        for shape in [(4, 5, 7), (37, 6), (2, 3, 45, 50), (3, 2, 33), (0, 4, 3)]:
+            key = f"{dtype}{shape}"
+            x64 = _from_storage(_to_storage(rng.normal(0.5, 1.0, shape), dtype), dtype)
+            dy64 = _from_storage(_to_storage(rng.normal(0.0, 1.0, shape), dtype), dtype)
+            channels = shape[1]
+            per_channel = {
+                "shift": rng.normal(0.5, 0.3, channels), "mean": rng.normal(0.5, 0.3, channels),
+                "invstd": rng.uniform(0.5, 2.0, channels), "weight": rng.normal(1.0, 0.5, channels),
+                "bias": rng.normal(0.0, 0.5, channels), "sums": rng.normal(0.0, 9.0, 2 * channels),
+                "count": np.array([max(x64.size // channels, 1) * 2.0])}
+            per_channel = {k: v.astype(np.float32).astype(np.float64) for k, v in per_channel.items()}
+            cases[key + ".x"] = _to_storage(x64, dtype)
+            cases[key + ".dy"] = _to_storage(dy64, dtype)
+            for name, v in per_channel.items():
+                cases[f"{key}.{name}"] = v.astype(np.float32)
+            meta[key] = dtype
+            inputs64[key] = (dtype, x64, dy64, per_channel)
+    np.savez(tmp_path / "cases.npz", **cases)
+    env = dict(os.environ, MS_SYNCBN_CPU_ISA=isa)
+    proc = subprocess.run([sys.executable, "-c", _ISA_RUNNER, cpu_library_path(),
+                           str(tmp_path / "cases.npz"), str(tmp_path / "out.npz"), json.dumps(meta)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    active = proc.stdout.strip().splitlines()[-1]
+    if active != isa:
+        pytest.skip(f"this CPU does not support {isa} (the library ran {active})")
+    out = np.load(tmp_path / "out.npz")
+    for key, (dtype, x64, dy64, p) in inputs64.items():
+        what = f"{isa} {key}"
+        ref, scale = local_stats_ref(x64, p["shift"])
+        assert_sums_close(ms.Tensor(out[key + ".stats"]), ref, scale, dtype, what + " local_stats")
+        ref, scale = normalize_ref(x64, p["mean"], p["invstd"], p["weight"], p["bias"])
+        assert_close(_from_storage(out[key + ".y"], dtype), ref, scale, dtype, ELEM_RTOL,
+                     what + " normalize")
+        ref, scale = backward_reduce_ref(dy64, x64, p["mean"])
+        assert_sums_close(ms.Tensor(out[key + ".red"]), ref, scale, dtype, what + " backward_reduce")
+        ref, scale = backward_elemt_ref(dy64, x64, p["mean"], p["invstd"], p["weight"], p["sums"],
+                                        p["count"])
+        assert_close(_from_storage(out[key + ".dx"], dtype), ref, scale, dtype, ELEM_RTOL,
+                     what + " backward_elemt")
+
+
+@pytest.mark.parametrize("plane", [1, 20], ids=["scalar", "vector"])
+def test_bfloat16_rounding_is_nearest_even_and_keeps_nan(kernels, plane):
+    """normalize with a = 1, mean = 0 computes x + bias exactly in float32, then stores bfloat16:
+    ties go to even, a finite float32 beyond bfloat16's range becomes inf, NaN stays NaN."""
+    base = np.array([1.0, 1.0, 1.0, -2.0, 0.0, 0.0], np.float32)
+    bias = np.array([2.0 ** -8, 3 * 2.0 ** -8, 2.0 ** -9, -2.0 ** -7, np.finfo(np.float32).max,
+                     np.nan], np.float32)
+    x = ms.Tensor(np.repeat(base.reshape(1, 6, 1), plane, axis=2)).astype(ms.bfloat16)
+    ones = ms.Tensor(np.ones(6, np.float32))
+    zeros = ms.Tensor(np.zeros(6, np.float32))
+    y = to_f64(kernels.normalize(x, zeros, ones, ones, ms.Tensor(bias)))[0]  # (6, plane)
+    # 1 + 2^-8: tie between 1 and 1 + 2^-7 -> 1 (even); 1 + 3*2^-8 -> 1 + 2^-6 (even);
+    # 1 + 2^-9 -> 1; -2 - 2^-7: tie -> -2; float32 max -> inf; NaN -> NaN.
+    expected = [1.0, 1.0 + 2.0 ** -6, 1.0, -2.0, np.inf]
+    np.testing.assert_array_equal(y[:5], np.repeat(np.array(expected).reshape(5, 1), plane, axis=1))
+    assert np.isnan(y[5]).all()
+
+
+# --------------------------------------------------- collective payloads --
+class RecordingAllReduce(nn.Cell):
+    """Stands in for the group all-reduce of `world_size` ranks holding the same batch.
+
+    Records the shape and dtype of every payload; returns world_size x the local sums, as a
+    summing all-reduce over identical ranks would.
+    """
+
+    def __init__(self, world_size):
+        super().__init__()
+        self.world_size = world_size
+        self.payloads = []
+
+    def construct(self, local_sums):
+        self.payloads.append((tuple(local_sums.shape), local_sums.dtype))
+        return local_sums * self.world_size
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+@pytest.mark.parametrize("channels", [1, 3, 64])
+def test_collective_payload_is_3c_plus_1_then_2c_whatever_the_world_size(kernels, world_size,
+                                                                           channels):
+    """One training step of the shared algorithm: exactly one all-reduce of (3C+1,) float32 in
+    forward and one of (2C,) float32 in backward; the statistics equal the single-rank ones."""
+    rng = np.random.default_rng(world_size * 100 + channels)
+    x64 = rng.normal(0.5, 1.2, (4, channels, 3, 5))
+    x = ms.Tensor(x64.astype(np.float32))
+    x64 = x64.astype(np.float32).astype(np.float64)
+    dy = ms.Tensor(rng.normal(size=x64.shape).astype(np.float32))
+    weight = ms.Tensor(rng.normal(1.0, 0.3, channels).astype(np.float32))
+    bias = ms.Tensor(rng.normal(0.0, 0.3, channels).astype(np.float32))
+    # Shift at the batch mean: the steady state, where no re-centring pass is needed.
+    shift = ms.Tensor(x64.mean(axis=(0, 2, 3)).astype(np.float32))
+    recorder = RecordingAllReduce(world_size)
+    function = SyncBatchNormFunction(kernels, 1e-5, recorder)
+
+    class Step(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.function = function
+
+        def construct(self, x, weight, bias, shift, dy):
+            y, _, _, _, _ = self.function(x, weight, bias, shift)
+            return (y * dy).sum()
+
+    grad_fn = ms.grad(Step(), grad_position=0)
+    dx = grad_fn(x, weight, bias, shift, dy)
+    dx.asnumpy()
+    assert recorder.payloads == [((3 * channels + 1,), ms.float32), ((2 * channels,), ms.float32)]
+    _, mean, invstd, var, count = function(x, weight, bias, shift)
+    np.testing.assert_allclose(mean.asnumpy(), x64.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var.asnumpy(), x64.var(axis=(0, 2, 3)), rtol=1e-5)
+    assert count.asnumpy()[0] == world_size * x64.size // channels
+
+
+@pytest.mark.parametrize("channels", [1, 5, 64, 257])
+@pytest.mark.parametrize("batch", [0, 1, 8])
+def test_kernel_payload_sizes_depend_only_on_channels(kernels, channels, batch):
+    x = ms.Tensor(np.ones((batch, channels, 3), np.float32))
+    shift = ms.Tensor(np.zeros(channels, np.float32))
+    mean = shift
+    assert kernels.local_stats(x, shift).shape == (3 * channels + 1,)
+    assert kernels.backward_reduce(x, x, mean).shape == (2 * channels,)
+
+
+def test_library_reports_an_instruction_set():
+    lib = ctypes.CDLL(cpu_library_path())
+    lib.MsSyncBnCpuIsa.restype = ctypes.c_char_p
+    assert lib.MsSyncBnCpuIsa().decode() in ("avx512", "avx2", "baseline")
