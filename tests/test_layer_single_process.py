@@ -114,7 +114,8 @@ def test_parameters_and_buffers_are_named_and_initialized_like_batchnorm():
     assert layer.running_mean.name == "running_mean" and layer.running_var.name == "running_var"
     assert layer.num_batches_tracked.name == "num_batches_tracked"
     assert [p.name for p in layer.trainable_params()] == ["weight", "bias"]
-    for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+    initial = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
+    for name, value in initial.items():
         param = getattr(layer, name)
         assert param.shape == (4,) and param.dtype == ms.float32, name
         np.testing.assert_array_equal(param.asnumpy(), np.full(4, value, np.float32), err_msg=name)
@@ -192,7 +193,8 @@ def test_one_value_per_channel_is_fine_in_eval(mode):
     x = np.array([[1.0, -2.0, 3.0]], np.float32)
     dy = np.array([[0.3, -1.1, 0.7]], np.float32)
     got = LayerDriver(layer).evaluate(x, dy)
-    want = frozen_stats_step(x, dy, [1.5, -0.5, 2.0], [0.1, 0.2, -0.3], EPS, np.zeros(3), np.ones(3))
+    want = frozen_stats_step(x, dy, [1.5, -0.5, 2.0], [0.1, 0.2, -0.3], EPS,
+                             mean=np.zeros(3), var=np.ones(3))  # the initial running stats
     for key in ("y", "dx", "dweight", "dbias"):
         assert_close(got[key], want[key], FLOAT32_TOL, key)
 
@@ -250,7 +252,8 @@ def _run_local(layer, shape, steps, seed, input_dtype="float32", jit=False):
     if layer.affine:
         set_parameters(layer, weight, bias)
         # the layer's parameters may round (dtype=float16): the reference uses what it holds
-        weight, bias = layer.weight.asnumpy().astype(np.float64), layer.bias.asnumpy().astype(np.float64)
+        weight = layer.weight.asnumpy().astype(np.float64)
+        bias = layer.bias.asnumpy().astype(np.float64)
     else:
         weight, bias = np.ones(channels), np.zeros(channels)
     driver = LayerDriver(layer, jit=jit)

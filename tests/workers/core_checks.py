@@ -19,7 +19,8 @@ def assert_close(actual, expected, tol, what, scale=None):
     expected = np.asarray(expected, np.float64)
     assert actual is not None, f"{what}: missing"
     actual = np.asarray(actual, np.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != expected {expected.shape}"
+    assert actual.shape == expected.shape, \
+        f"{what}: shape {actual.shape} != expected {expected.shape}"
     assert np.all(np.isfinite(actual)), f"{what}: non-finite values {actual}"
     if expected.size == 0:
         return

@@ -2,9 +2,10 @@
 
 Shared by the single-process tests (tests/test_layer_single_process.py) and the
 msrun worker (tests/workers/sync_scenarios.py), so both drive the layer the same
-way in PyNative and in graph mode: one ``value_and_grad`` call per step gives
-the output y and the gradients for x, weight and bias of ``sum(y * dy)``, whose
-gradient with respect to y is exactly the upstream gradient dy.
+way in PyNative, in graph mode and under ``mindspore.jit``: one
+``value_and_grad`` call per step gives the output y and the gradients for x,
+weight and bias of ``sum(y * dy)``, whose gradient with respect to y is exactly
+the upstream gradient dy.
 """
 import numpy as np
 import mindspore as ms
@@ -89,7 +90,8 @@ class LayerDriver:
     def state(self):
         """Running statistics (None when not tracked) as NumPy."""
         layer = self.layer
-        return {"running_mean": to_numpy(layer.running_mean), "running_var": to_numpy(layer.running_var),
+        return {"running_mean": to_numpy(layer.running_mean),
+                "running_var": to_numpy(layer.running_var),
                 "num_batches_tracked": to_numpy(layer.num_batches_tracked)}
 
 

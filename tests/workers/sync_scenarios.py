@@ -106,7 +106,8 @@ def run_scenario(name, spec, rank, created_groups):
             if mean is None:  # a new spread of channel means each step: the shift must follow
                 full = random_batch(rng, shape, mean_scale=3.0 * (step + 1))
             else:  # channel means within 1 of mean (+ step), spreads in [std/2, std]
-                full = random_batch(rng, shape, mean_scale=1.0, std_range=(spec["std"] / 2, spec["std"]))
+                full = random_batch(rng, shape, mean_scale=1.0,
+                                    std_range=(spec["std"] / 2, spec["std"]))
                 full = (full.astype(np.float64) + mean + step).astype(np.float32)
             full = round_to(full, dtype)
             upstream = round_to(rng.standard_normal(full.shape), dtype)
@@ -141,7 +142,7 @@ def run_scenario(name, spec, rank, created_groups):
 
 
 def check_group_arguments(spec, rank):
-    """Try to build a layer on each group of ``spec`` this rank is not a member of; record the error."""
+    """Build a layer on each group of ``spec`` this rank is not in; record what was raised."""
     meta = dict(rank=rank, status="ok", outcomes={})
     for group, ranks in spec["groups"].items():
         if ranks is not None and rank in ranks:
