@@ -53,8 +53,12 @@ def resolve_group(process_group: Optional[str]) -> Optional[CommGroup]:
     try:
         ranks = tuple(int(r) for r in get_process_group_ranks(name))
     except Exception as err:  # MindSpore raises RuntimeError/ValueError/TypeError here
-        raise ValueError(f"SyncBatchNorm: process_group {name!r} does not exist; create it with "
-                         f"mindspore.communication.create_group first ({err}).") from err
+        # MindSpore reports a missing group and a group without this rank alike.
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"SyncBatchNorm: process_group {name!r} cannot be used on rank {get_rank()}: "
+                         f"it does not exist or this rank is not a member (create it with "
+                         f"mindspore.communication.create_group on its members only). "
+                         f"MindSpore says: {reason}") from err
     me = get_rank()
     if me not in ranks:
         raise ValueError(f"SyncBatchNorm: the current rank {me} is not a member of process_group "
