@@ -3,6 +3,12 @@
     from ms_syncbn import SyncBatchNorm
 """
 from ms_syncbn.batchnorm import SyncBatchNorm
+from ms_syncbn.convert import convert_sync_batchnorm, remap_batchnorm_checkpoint, revert_sync_batchnorm
 
-__all__ = ["SyncBatchNorm"]
+# PyTorch's spelling, SyncBatchNorm.convert_sync_batchnorm(cell); defined in convert.py so that
+# batchnorm.py does not import the module that imports it.
+SyncBatchNorm.convert_sync_batchnorm = staticmethod(convert_sync_batchnorm)
+
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm",
+           "remap_batchnorm_checkpoint"]
 __version__ = "0.1.0"
