@@ -1,0 +1,133 @@
+"""Smoke test of the benchmark: ``python -m ms_syncbn.bench --quick`` runs end to end.
+
+It launches two msrun jobs (1 and 2 ranks) on a tiny shape. Checked: the exit
+status, the table on stdout, and the fields of the JSON file. No timing is
+asserted (the numbers are wall-clock times on a shared machine); the recorded
+all-reduce payloads are asserted, since they are exact: one (3C+1,) and one
+(2C,) float32 collective per step at 2 ranks, none at 1 rank.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+QUICK_SHAPE = "2x8x4x4"
+CHANNELS = 8
+CANDIDATES = ("syncbn", "bn2d")
+COMPONENTS = ("syncbn_fwd", "kernels")
+KERNELS = ("local_stats", "normalize", "backward_reduce", "backward_elemt")
+# The bench kills each msrun job after --timeout seconds; this bounds the whole command.
+JOB_TIMEOUT = 240
+COMMAND_TIMEOUT = 2 * JOB_TIMEOUT + 120
+
+
+def torch_installed():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_bench(*args, timeout):
+    process = subprocess.Popen([sys.executable, "-m", "ms_syncbn.bench", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGTERM)  # the bench then kills its msrun job
+        stdout, stderr = process.communicate()
+        pytest.fail(f"bench {args} timed out after {timeout} s\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return process.returncode, stdout, stderr
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    json_path = out / "bench.json"
+    code, stdout, stderr = run_bench("--quick", "--json", str(json_path), "--log-dir",
+                                     str(out / "logs"), "--timeout", str(JOB_TIMEOUT),
+                                     timeout=COMMAND_TIMEOUT)
+    assert code == 0, f"bench --quick failed ({code})\n{stdout[-3000:]}\n{stderr[-5000:]}"
+    with open(json_path) as f:
+        return json.load(f), stdout
+
+
+def test_quick_bench_prints_the_table(quick_run):
+    _, stdout = quick_run
+    assert "sync/bn2d" in stdout and "sync/torch" in stdout
+    assert "All-reduce payloads" in stdout and "Kernel bandwidth" in stdout
+    assert "Targets (issue 3)" in stdout
+
+
+def test_quick_bench_times_every_candidate_at_1_and_2_ranks_in_both_modes(quick_run):
+    results, _ = quick_run
+    assert results["config"]["quick"] is True
+    with_torch = torch_installed()
+    assert results["config"]["torch"] is with_torch
+    runs = {(r["ranks"], r["mode"], r["shape"]): r for r in results["runs"]}
+    assert set(runs) == {(ranks, mode, QUICK_SHAPE) for ranks in (1, 2)
+                         for mode in ("pynative", "graph")}
+    for (ranks, _, _), row in runs.items():
+        names = CANDIDATES + COMPONENTS + (("torch",) if with_torch else ())
+        names += ("allreduce",) if ranks > 1 else ()
+        for name in names:
+            per_rank = row["per_rank_median_ms"][name]
+            assert len(per_rank) == ranks
+            assert all(t > 0 for t in per_rank)
+            assert row[f"{name}_ms"] == max(per_rank)
+        assert ranks > 1 or "allreduce" not in row["per_rank_median_ms"]
+        assert row["syncbn_over_bn2d"] == pytest.approx(row["syncbn_ms"] / row["bn2d_ms"])
+        if with_torch:
+            assert row["syncbn_over_torch"] == pytest.approx(row["syncbn_ms"] / row["torch_ms"])
+
+
+def test_quick_bench_records_one_3c_plus_1_and_one_2c_all_reduce_per_step(quick_run):
+    results, _ = quick_run
+    payloads = {r["ranks"]: r for r in results["payloads"]}
+    assert payloads[1]["steady_step_elements"] == []
+    two = payloads[2]
+    assert two["channels"] == CHANNELS
+    assert two["steady_step_elements"] == [3 * CHANNELS + 1, 2 * CHANNELS]
+    assert two["steady_step_bytes"] == [4 * (3 * CHANNELS + 1), 4 * 2 * CHANNELS]
+    assert two["identical_on_all_ranks"] is True
+    assert two["allgather_style_forward_elements"] == 2 * (2 * CHANNELS + 1)
+
+
+def test_quick_bench_measures_every_kernel_against_a_copy(quick_run):
+    results, _ = quick_run
+    bandwidth = results["kernel_bandwidth"]
+    assert bandwidth["isa"] in ("avx512", "avx2", "baseline")
+    rows = {row["kernel"]: row for row in bandwidth["rows"]}
+    assert set(rows) == set(KERNELS)
+    x_bytes = 4 * 2 * 8 * 4 * 4
+    assert [rows[k]["bytes"] for k in KERNELS] == [x_bytes, 2 * x_bytes, 2 * x_bytes, 3 * x_bytes]
+    for row in rows.values():
+        assert row["kernel_us"] > 0 and row["copy_us"] > 0
+        assert row["fraction_of_copy"] == pytest.approx(row["kernel_gbps"] / row["copy_gbps"])
+
+
+def test_quick_bench_lists_the_issue_targets(quick_run):
+    results, _ = quick_run
+    targets = results["targets"]
+    assert {type(t["met"]) for t in targets} == {bool}
+    texts = " ".join(t["target"] for t in targets)
+    assert "SyncBN/nn.BatchNorm2d" in texts and "kernel bandwidth" in texts and "payload" in texts
+
+
+def test_bench_help_documents_the_flags():
+    code, stdout, _ = run_bench("--help", timeout=60)
+    assert code == 0
+    for flag in ("--quick", "--ranks", "--modes", "--shapes", "--iters", "--warmup", "--json",
+                 "--timeout", "--log-dir", "--no-torch"):
+        assert flag in stdout
+
+
+@pytest.mark.parametrize("bad", [["--modes", "eager"], ["--shapes", "8x64x32"], ["--ranks", "0"]])
+def test_bench_rejects_bad_arguments(bad):
+    code, _, stderr = run_bench(*bad, timeout=60)
+    assert code == 2 and bad[0] in stderr
