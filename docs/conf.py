@@ -30,7 +30,7 @@ autodoc_member_order = "bysource"
 autodoc_default_options = {"members": False}
 
 html_theme = "alabaster"
-html_static_path = []
+html_static_path: list = []
 html_theme_options = {"fixed_sidebar": False}
 exclude_patterns = ["_build"]
 

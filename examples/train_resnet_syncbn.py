@@ -3,7 +3,7 @@
 Launch (2 CPU ranks by default):
 
     bash launch/run_cpu.sh                      # = msrun --worker_num=2 ... this script
-    bash launch/run_cpu.sh --mode graph --steps 40
+    bash launch/run_cpu.sh --mode graph --steps 40   # see the known issue in --help
 
 What it does:
 
@@ -226,14 +226,17 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=24, help="training steps (default 24)")
     parser.add_argument("--mode", choices=("pynative", "graph"), default="pynative",
-                        help="MindSpore execution mode (default pynative)")
+                        help="MindSpore execution mode (default pynative). Known issue: in "
+                             "graph mode on CPU the SyncBatchNorms of parallel branches (this "
+                             "ResNet's shortcut) can all-reduce in a different order on "
+                             "different ranks, and the check then FAILs")
     parser.add_argument("--batch-sizes", default=None,
                         help="comma-separated per-rank batch sizes, one per rank "
                              "(default: uneven, 4 + (3 * rank) %% 5)")
     parser.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
     parser.add_argument("--seed", type=int, default=0, help="data and weight seed (default 0)")
-    parser.add_argument("--tolerance", type=float, default=1e-3,
-                        help="largest allowed |synchronized - single-process| (default 1e-3)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest allowed |synchronized - single-process| (default 1e-4)")
     parser.add_argument("--out", default="syncbn_run",
                         help="directory for the checkpoint and results (default ./syncbn_run)")
     parser.add_argument("--device", default="CPU", help="device_target (default CPU)")
