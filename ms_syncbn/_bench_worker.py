@@ -11,15 +11,20 @@ rotating), so that noise from the shared machine hits them alike:
 * ``bn2d``        MindSpore's local ``nn.BatchNorm2d`` (training mode, no communication);
 * ``torch``       PyTorch's ``BatchNorm2d`` with ``torch.set_num_threads(1)`` (if --torch);
 
-and, with --components, the parts of a SyncBatchNorm step:
+and, with --components, the floor of a step and the parts of a SyncBatchNorm step:
 
+* ``floor``       the same MindSpore step with an identity layer (loss, its gradient, the
+                  synchronisation: what every MindSpore candidate pays besides its layer);
+* ``torch_floor`` the same for PyTorch (if --torch);
 * ``syncbn_fwd``  the SyncBatchNorm forward alone;
 * ``kernels``     the four CPU kernels chained, without the layer's small per-channel ops;
 * ``allreduce``   the two collectives of a step, (3C+1,) and (2C,) float32 (world > 1).
 
 A step is ``value_and_grad`` of ``sum(layer(x) * dy)`` with respect to x and the
 parameters (one compiled graph in graph mode), followed by a host
-synchronisation (``asnumpy``) -- the same for every candidate. It also records
+synchronisation (``asnumpy``) -- the same for every candidate. Before each timed
+step the ranks meet at a barrier (untimed), so a step never includes waiting
+for a rank that is still busy with another candidate. It also records
 the all-reduce payloads of SyncBatchNorm (PyNative; first step and steady state)
 by wrapping the layer's all-reduce. Writes ``DIR/rank<r>.json``.
 """
@@ -87,6 +92,10 @@ def main():
             loss, (dx, grads) = self.grad_fn(x, dy)
             return loss, dx, grads
 
+    class Identity(nn.Cell):
+        def construct(self, x):
+            return x
+
     class Forward(nn.Cell):
         def __init__(self, layer):
             super().__init__()
@@ -131,6 +140,22 @@ def main():
         def construct(self, payload):
             self.payloads.append(int(payload.size))
             return self.inner(payload)
+
+    class Barrier(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM)
+
+        def construct(self, token):
+            return self.all_reduce(token)
+
+    barrier_cell = Barrier() if world > 1 else None
+    barrier_token = ms.Tensor(np.zeros(1, np.float32))
+
+    def barrier():
+        """Returns once every rank has arrived (a one-element all-reduce, waited for)."""
+        if barrier_cell is not None:
+            sync(barrier_cell(barrier_token))
 
     def sync(outputs):
         for value in outputs if isinstance(outputs, (tuple, list)) else (outputs,):
@@ -199,6 +224,16 @@ def main():
 
                 candidates["torch"] = torch_step
             if args.components:
+                floor_step = TrainStep(Identity())
+                candidates["floor"] = lambda: sync(floor_step(x, dy))
+                if torch is not None:
+                    torch_floor_x = torch.tensor(x_np, requires_grad=True)
+
+                    def torch_floor_step():
+                        torch_floor_x.grad = None
+                        (torch_floor_x * torch_dy).sum().backward()
+
+                    candidates["torch_floor"] = torch_floor_step
                 syncbn_forward = Forward(syncbn_layer)
                 chained = ChainedKernels()
                 per_channel = ms.Tensor(np.ones(channels, np.float32))
@@ -220,6 +255,7 @@ def main():
             for i in range(args.iters):
                 for k in range(len(names)):  # same order on every rank: collectives must match
                     name = names[(i + k) % len(names)]
+                    barrier()  # every rank starts the step together, as in lockstep training
                     start = time.perf_counter()
                     candidates[name]()
                     times[name].append(time.perf_counter() - start)

@@ -270,6 +270,12 @@ def summarize(job_results, args):
                     row["syncbn_over_bn2d"] = row["syncbn_ms"] / row["bn2d_ms"]
                 if "torch_ms" in row:
                     row["syncbn_over_torch"] = row["syncbn_ms"] / row["torch_ms"]
+                # What the layers add to the framework's floor (loss, gradient, synchronisation).
+                if "floor_ms" in row:
+                    row["syncbn_layer_ms"] = row["syncbn_ms"] - row["floor_ms"]
+                    row["bn2d_layer_ms"] = row["bn2d_ms"] - row["floor_ms"]
+                if "torch_floor_ms" in row:
+                    row["torch_layer_ms"] = row["torch_ms"] - row["torch_floor_ms"]
                 runs.append(row)
         for text in args.shapes.split(","):
             channels = shape_of(text)[1]
@@ -326,7 +332,10 @@ def format_report(results):
                  f"{results['config']['omp_num_threads']})")
     lines.append("Step = forward + backward of sum(layer(x) * dy), median ms of the slowest rank. "
                  "Shared machine: numbers are noisy.")
-    candidates = ["syncbn", "bn2d", "torch", "syncbn_fwd", "kernels", "allreduce"]
+    lines.append("floor / torch_floor: the same step with an identity layer; syncbn_fwd: forward "
+                 "only; kernels: the 4 CPU kernels alone; allreduce: the step's 2 collectives alone.")
+    candidates = ["syncbn", "bn2d", "torch", "floor", "torch_floor", "syncbn_fwd", "kernels",
+                  "allreduce"]
     present = [c for c in candidates if any(f"{c}_ms" in r for r in results["runs"])]
     header = f"{'ranks':>5} {'mode':<8} {'shape':<15}" + "".join(f"{c:>11}" for c in present) + \
              f"{'sync/bn2d':>10}{'sync/torch':>11}"

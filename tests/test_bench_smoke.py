@@ -17,7 +17,7 @@ import pytest
 QUICK_SHAPE = "2x8x4x4"
 CHANNELS = 8
 CANDIDATES = ("syncbn", "bn2d")
-COMPONENTS = ("syncbn_fwd", "kernels")
+COMPONENTS = ("floor", "syncbn_fwd", "kernels")
 KERNELS = ("local_stats", "normalize", "backward_reduce", "backward_elemt")
 # The bench kills each msrun job after --timeout seconds; this bounds the whole command.
 JOB_TIMEOUT = 240
@@ -73,7 +73,7 @@ def test_quick_bench_times_every_candidate_at_1_and_2_ranks_in_both_modes(quick_
     assert set(runs) == {(ranks, mode, QUICK_SHAPE) for ranks in (1, 2)
                          for mode in ("pynative", "graph")}
     for (ranks, _, _), row in runs.items():
-        names = CANDIDATES + COMPONENTS + (("torch",) if with_torch else ())
+        names = CANDIDATES + COMPONENTS + (("torch", "torch_floor") if with_torch else ())
         names += ("allreduce",) if ranks > 1 else ()
         for name in names:
             per_rank = row["per_rank_median_ms"][name]
@@ -82,6 +82,7 @@ def test_quick_bench_times_every_candidate_at_1_and_2_ranks_in_both_modes(quick_
             assert row[f"{name}_ms"] == max(per_rank)
         assert ranks > 1 or "allreduce" not in row["per_rank_median_ms"]
         assert row["syncbn_over_bn2d"] == pytest.approx(row["syncbn_ms"] / row["bn2d_ms"])
+        assert row["syncbn_layer_ms"] == pytest.approx(row["syncbn_ms"] - row["floor_ms"])
         if with_torch:
             assert row["syncbn_over_torch"] == pytest.approx(row["syncbn_ms"] / row["torch_ms"])
 

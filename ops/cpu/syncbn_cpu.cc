@@ -25,8 +25,9 @@
 // GCC on x86-64 the kernels are compiled three times -- AVX-512
 // (avx512f/bw/vl/dq), AVX2 (avx2, fma, f16c) and the baseline -- and the first
 // call picks the best set the CPU supports; elsewhere only the baseline is
-// built. Measured single-threaded on (8,64,32,32) float32 (AVX-512, data in
-// cache): every kernel moves its bytes at 90-100% of the speed of a plain copy.
+// built. Measured by `python -m ms_syncbn.bench` (float32, one thread,
+// AVX-512, the benchmark shapes): each kernel moves its bytes at 70-100% of the
+// speed of a NumPy copy of as many bytes.
 //
 // Threads. The kernels are single-threaded on purpose. Measured inside
 // MindSpore on a 2-core machine (graph mode, one process, OpenMP over
