@@ -62,8 +62,19 @@ def run_msrun(script, world_size: int, tmp_path: Path, *args, timeout: float = 2
     try:
         stdout, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, _ = proc.communicate()
+        # msrun gives every worker a process group of its own, which killpg below would
+        # miss: on SIGINT msrun SIGKILLs the workers and its scheduler itself.
+        proc.send_signal(signal.SIGINT)
+        try:
+            stdout, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            stdout = None
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if stdout is None:
+            stdout, _ = proc.communicate()
         result = MsrunResult(-9, log_dir, out_dir, time.monotonic() - start, stdout)
         raise AssertionError(f"msrun {script.name} x{world_size} timed out after {timeout}s\n"
                              f"{stdout[-4000:]}\n{result.logs()}")
