@@ -166,7 +166,7 @@ class SyncBatchNorm(nn.Cell):
 
         kernels = kernels_for(ms.get_context("device_target"))
         all_reduce = None if group is None else all_reduce_sum(group)
-        self.group_stats = SyncBatchNormFunction(kernels, eps, all_reduce)
+        self.group_stats = SyncBatchNormFunction(kernels, eps, all_reduce, self.group_size)
         self.local_stats = SyncBatchNormFunction(kernels, eps, None)
         self.frozen_stats = FrozenStatsNormalize(kernels)
 

@@ -23,6 +23,8 @@ i.e. (S1/N)^2 > RESHIFT_RATIO * var, every rank takes the same decision from
 the same reduced numbers and repeats the pass once around K = mean: a second
 all-reduce in that step only.
 """
+import itertools
+
 import mindspore as ms
 from mindspore import nn, ops
 
@@ -32,6 +34,9 @@ RESHIFT_RATIO = 64.0
 # A constant channel (var = 0) re-centres only when its shift is off by more
 # than this fraction of the mean: float32 rounding of the mean stays below it.
 RESHIFT_MEAN_TOLERANCE = 2.0 ** -20
+
+
+_LAYER_NUMBERS = itertools.count(1)
 
 
 def combine_stats(sums):
@@ -79,14 +84,20 @@ class SyncBatchNormFunction(nn.Cell):
         statistics over the whole group, identical on every rank. Only y carries a gradient.
     """
 
-    def __init__(self, kernels, eps, all_reduce=None):
+    def __init__(self, kernels, eps, all_reduce=None, group_size=1):
         super().__init__()
+        # Layers are numbered in construction order, the same on every rank of a
+        # data-parallel job; graph mode sends the number with the backward sums
+        # to catch collectives of two layers paired with each other.
+        self.pairing_tag = float(next(_LAYER_NUMBERS))
+        self.check_pairing = all_reduce is not None and ms.get_context("mode") == ms.GRAPH_MODE
         self.local_stats = kernels.local_stats
         self.normalize = kernels.normalize
         self.backward_reduce = kernels.backward_reduce
         self.backward_elemt = kernels.backward_elemt
         self.eps = eps
         self.all_reduce = all_reduce
+        self.group_size = group_size
         self.synchronized = all_reduce is not None
 
     def _group_sum(self, local_sums):
@@ -112,8 +123,24 @@ class SyncBatchNormFunction(nn.Cell):
         # weight/bias gradients stay local: data parallelism sums them over ranks.
         grad_weight = local_sums[channels:] * invstd
         grad_bias = local_sums[:channels]
-        dx = self.backward_elemt(dy, x, mean, invstd, weight, self._group_sum(local_sums), count)
+        if self.check_pairing:
+            group_sums = self._checked_group_sum(local_sums)
+        else:
+            group_sums = self._group_sum(local_sums)
+        dx = self.backward_elemt(dy, x, mean, invstd, weight, group_sums, count)
         return dx, grad_weight, grad_bias, ops.zeros_like(shift)
+
+    def _checked_group_sum(self, local_sums):
+        """(2C,) -> (2C,) group sums, raising if another layer's collective was paired with ours."""
+        tag = ops.fill(ms.float32, (1,), self.pairing_tag)
+        reduced = self.all_reduce(ops.cat((local_sums, tag)))  # (2C+1,)
+        if ops.abs(reduced[-1] - self.pairing_tag * self.group_size) > 0.5:
+            raise RuntimeError("SyncBatchNorm: in graph mode, the backward all-reduce of this layer "
+                               "was paired with another layer's on some rank (the runtime ran "
+                               "the collectives of parallel branches in different orders); the "
+                               "gradients of this step would be wrong. Run in PyNative mode, or see "
+                               "README 'Known issues'.")
+        return reduced[:-1]
 
 
 class FrozenStatsNormalize(nn.Cell):
