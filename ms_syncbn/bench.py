@@ -337,12 +337,12 @@ def format_report(results):
     candidates = ["syncbn", "bn2d", "torch", "floor", "torch_floor", "syncbn_fwd", "kernels",
                   "allreduce"]
     present = [c for c in candidates if any(f"{c}_ms" in r for r in results["runs"])]
-    header = f"{'ranks':>5} {'mode':<8} {'shape':<15}" + "".join(f"{c:>11}" for c in present) + \
+    header = f"{'ranks':>5} {'mode':<8} {'shape':<15}" + "".join(f"{c:>12}" for c in present) + \
              f"{'sync/bn2d':>10}{'sync/torch':>11}"
     lines.append(header)
     lines.append("-" * len(header))
     for row in results["runs"]:
-        cells = "".join(f"{row[c + '_ms']:>11.2f}" if f"{c}_ms" in row else f"{'-':>11}"
+        cells = "".join(f"{row[c + '_ms']:>12.2f}" if f"{c}_ms" in row else f"{'-':>12}"
                         for c in present)
         ratio_bn2d = f"{row['syncbn_over_bn2d']:>10.2f}" if "syncbn_over_bn2d" in row else f"{'-':>10}"
         ratio_torch = f"{row['syncbn_over_torch']:>11.2f}" if "syncbn_over_torch" in row else f"{'-':>11}"
