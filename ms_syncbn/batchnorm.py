@@ -192,19 +192,33 @@ class SyncBatchNorm(nn.Cell):
         return self._ones, self._zeros
 
     def construct(self, x):
+        if self.training:
+            return self._forward_train(x)
+        return self._forward_eval(x)
+
+    # Both paths are compiled even in PyNative: the per-channel arithmetic around the
+    # kernels is a few dozen tiny ops, which cost ~1 ms each when dispatched one by one
+    # and almost nothing in a graph. One function per mode, because a compiled graph
+    # does not see later changes of `self.training`.
+    @ms.jit
+    def _forward_train(self, x):
         self._check_input(x)
         weight, bias = self._affine_params()
-        if self.training:
-            if self.group_size == 1 and x.size == self.num_features:
-                raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
-                                 f"training, but got input of shape {x.shape}.")
-            y, mean, _, var, count = self.group_stats(x, weight, bias, self.stat_shift)
-            if self.group_size > 1 and count == 1:  # same count on every rank: all raise, none waits
-                raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
-                                 f"training, but the batch of process group {self.group_label} "
-                                 f"holds 1 value per channel.")
-            self._update_state(mean, var, count)
-            return y
+        if self.group_size == 1 and x.size == self.num_features:
+            raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
+                             f"training, but got input of shape {x.shape}.")
+        y, mean, _, var, count = self.group_stats(x, weight, bias, self.stat_shift)
+        if self.group_size > 1 and count == 1:  # same count on every rank: all raise, none waits
+            raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
+                             f"training, but the batch of process group {self.group_label} "
+                             f"holds 1 value per channel.")
+        self._update_state(mean, var, count)
+        return y
+
+    @ms.jit
+    def _forward_eval(self, x):
+        self._check_input(x)
+        weight, bias = self._affine_params()
         if self.track_running_stats:
             mean = self.running_mean.astype(ms.float32)
             invstd = ops.rsqrt(self.running_var.astype(ms.float32) + self.eps)
@@ -214,13 +228,19 @@ class SyncBatchNorm(nn.Cell):
         return y
 
     def _update_state(self, mean, var, count):
-        """Shift and running statistics from group statistics; a group with no data changes nothing."""
+        """Shift and running statistics from the group statistics of one training step.
+
+        A channel is updated only if the group batch is non-empty and its mean and
+        variance are finite: NaN or Inf in a batch shows in that step's output and
+        loss, but never reaches the state that later steps and evaluation use.
+        """
         mean = ops.stop_gradient(mean)
         var = ops.stop_gradient(var)
         count = ops.stop_gradient(count)
         has_data = count > 0.0  # (1,)
-        ops.assign(self.stat_shift, ops.select(has_data.broadcast_to(mean.shape), mean,
-                                               self.stat_shift))
+        keep = ops.logical_and(has_data.broadcast_to(mean.shape),
+                               ops.logical_and(ops.isfinite(mean), ops.isfinite(var)))  # (C,)
+        ops.assign(self.stat_shift, ops.select(keep, mean, self.stat_shift))
         if self.track_running_stats:
             tracked = self.num_batches_tracked + has_data.astype(ms.int64).reshape(())
             ops.assign(self.num_batches_tracked, tracked)
@@ -233,7 +253,6 @@ class SyncBatchNorm(nn.Cell):
             running_var = self.running_var.astype(ms.float32)
             new_mean = (1.0 - factor) * running_mean + factor * mean
             new_var = (1.0 - factor) * running_var + factor * unbiased
-            keep = has_data.broadcast_to(mean.shape)
             ops.assign(self.running_mean,
                        ops.select(keep, new_mean, running_mean).astype(self.param_dtype))
             ops.assign(self.running_var,

@@ -9,10 +9,11 @@ kernel table differs.
 Numerics. Each rank sends, per channel, shifted sums around a shift K that is
 the same on every rank (the layer keeps it: the previous group mean):
 
-    [ sum(x-K) (C) | sum((x-K)^2) (C) | n*K (C) | n (1) ]        (3C+1,) float32
+    [ sum(x-K) (C) | sum((x-K)^2) (C) | n*K (C) | n (1) | C (1) ]   (3C+2,) float32
 
 so the payload is O(C) whatever the world size, and an empty rank (n = 0)
-simply sends zeros. After the all-reduce (sums S1, S2, Q, N):
+simply sends zeros. The last slot sums to group_size * C exactly when every
+rank's layer has C channels; anything else raises instead of mixing layers. After the all-reduce (sums S1, S2, Q, N):
 
     mean = Q/N + S1/N         exact even if the ranks' K differ
     var  = S2/N - (S1/N)^2    exact when every rank used the same K
@@ -54,7 +55,8 @@ def combine_stats(sums):
     safe_count = ops.maximum(count, 1.0)  # N = 0 gives 0 / 1 = 0, never NaN
     offset = s1 / safe_count
     mean = nk / safe_count + offset
-    var = ops.relu(s2 / safe_count - offset * offset)  # rounding can dip below 0
+    var = s2 / safe_count - offset * offset
+    var = var * (var >= 0.0).astype(var.dtype)  # rounding can dip below 0; NaN stays NaN
     return mean, var, offset, count
 
 
@@ -87,10 +89,11 @@ class SyncBatchNormFunction(nn.Cell):
     def __init__(self, kernels, eps, all_reduce=None, group_size=1):
         super().__init__()
         # Layers are numbered in construction order, the same on every rank of a
-        # data-parallel job; graph mode sends the number with the backward sums
-        # to catch collectives of two layers paired with each other.
+        # data-parallel job; the number travels with the backward sums to catch
+        # collectives of two layers paired with each other (compiled graphs may
+        # issue the backward collectives of parallel branches in any order).
         self.pairing_tag = float(next(_LAYER_NUMBERS))
-        self.check_pairing = all_reduce is not None and ms.get_context("mode") == ms.GRAPH_MODE
+        self.check_pairing = all_reduce is not None
         self.local_stats = kernels.local_stats
         self.normalize = kernels.normalize
         self.backward_reduce = kernels.backward_reduce
@@ -105,11 +108,25 @@ class SyncBatchNormFunction(nn.Cell):
             return self.all_reduce(local_sums)
         return local_sums
 
+    def _group_stats(self, x, shift):
+        """x (N, C, *), shift (C,) -> group mean, var, offset (C,), count (1,)."""
+        local_sums = self.local_stats(x, shift)  # (3C+1,)
+        if not self.synchronized:
+            return combine_stats(local_sums)
+        # One more slot carries C: ranks whose layers disagree on num_features send buffers
+        # of different lengths, which the all-reduce does not detect by itself.
+        channels = x.shape[1]
+        reduced = self.all_reduce(ops.cat((local_sums, ops.fill(ms.float32, (1,), float(channels)))))
+        if ops.abs(reduced[-1] - float(channels * self.group_size)) > 0.5:
+            raise ValueError(f"SyncBatchNorm: the ranks of the group disagree on num_features: "
+                             f"this rank's layer has num_features={channels}, but the channel "
+                             f"counts of the group's ranks do not all match it.")
+        return combine_stats(reduced[:-1])
+
     def construct(self, x, weight, bias, shift):
-        # x (N, C, *), shift (C,) -> (3C+1,) local shifted sums -> group sums
-        mean, var, offset, count = combine_stats(self._group_sum(self.local_stats(x, shift)))
+        mean, var, offset, count = self._group_stats(x, shift)
         if needs_reshift(mean, var, offset):
-            mean, var, offset, count = combine_stats(self._group_sum(self.local_stats(x, mean)))
+            mean, var, offset, count = self._group_stats(x, mean)
         invstd = ops.rsqrt(var + self.eps)
         y = self.normalize(x, mean, invstd, weight, bias)
         return y, mean, invstd, var, count
