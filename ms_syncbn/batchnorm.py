@@ -192,21 +192,34 @@ class SyncBatchNorm(nn.Cell):
         return self._ones, self._zeros
 
     def construct(self, x):
+        self._check_input(x)  # plain Python in PyNative: nothing malformed reaches a kernel
         if self.training:
+            if self.group_size == 1 and x.size == self.num_features:
+                raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
+                                 f"training, but got input of shape {x.shape}.")
+            if x.dtype == ms.bfloat16:
+                return self._train_body(x)
             return self._forward_train(x)
+        if x.dtype == ms.bfloat16:
+            return self._eval_body(x)
         return self._forward_eval(x)
 
     # Both paths are compiled even in PyNative: the per-channel arithmetic around the
     # kernels is a few dozen tiny ops, which cost ~1 ms each when dispatched one by one
     # and almost nothing in a graph. One function per mode, because a compiled graph
-    # does not see later changes of `self.training`.
+    # does not see later changes of `self.training`. bfloat16 runs op by op: PyNative's
+    # gradient of a compiled function sums bfloat16 gradients with AddN, which MindSpore
+    # has no CPU kernel for.
     @ms.jit
     def _forward_train(self, x):
-        self._check_input(x)
+        return self._train_body(x)
+
+    @ms.jit
+    def _forward_eval(self, x):
+        return self._eval_body(x)
+
+    def _train_body(self, x):
         weight, bias = self._affine_params()
-        if self.group_size == 1 and x.size == self.num_features:
-            raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
-                             f"training, but got input of shape {x.shape}.")
         y, mean, _, var, count = self.group_stats(x, weight, bias, self.stat_shift)
         if self.group_size > 1 and count == 1:  # same count on every rank: all raise, none waits
             raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
@@ -215,9 +228,7 @@ class SyncBatchNorm(nn.Cell):
         self._update_state(mean, var, count)
         return y
 
-    @ms.jit
-    def _forward_eval(self, x):
-        self._check_input(x)
+    def _eval_body(self, x):
         weight, bias = self._affine_params()
         if self.track_running_stats:
             mean = self.running_mean.astype(ms.float32)

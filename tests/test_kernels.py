@@ -525,10 +525,10 @@ class RecordingAllReduce(nn.Cell):
 
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 @pytest.mark.parametrize("channels", [1, 3, 64])
-def test_collective_payload_is_3c_plus_1_then_2c_whatever_the_world_size(kernels, world_size,
+def test_collective_payload_is_3c_plus_2_then_2c_plus_1_whatever_the_world_size(kernels, world_size,
                                                                            channels):
-    """One training step of the shared algorithm: exactly one all-reduce of (3C+1,) float32 in
-    forward and one of (2C,) float32 in backward; the statistics equal the single-rank ones."""
+    """One training step of the shared algorithm: exactly one all-reduce of (3C+2,) float32 in
+    forward and one of (2C+1,) float32 in backward; the statistics equal the single-rank ones."""
     rng = np.random.default_rng(world_size * 100 + channels)
     x64 = rng.normal(0.5, 1.2, (4, channels, 3, 5))
     x = ms.Tensor(x64.astype(np.float32))
@@ -539,7 +539,7 @@ def test_collective_payload_is_3c_plus_1_then_2c_whatever_the_world_size(kernels
     # Shift at the batch mean: the steady state, where no re-centring pass is needed.
     shift = ms.Tensor(x64.mean(axis=(0, 2, 3)).astype(np.float32))
     recorder = RecordingAllReduce(world_size)
-    function = SyncBatchNormFunction(kernels, 1e-5, recorder)
+    function = SyncBatchNormFunction(kernels, 1e-5, recorder, world_size)
 
     class Step(nn.Cell):
         def __init__(self):
@@ -553,7 +553,9 @@ def test_collective_payload_is_3c_plus_1_then_2c_whatever_the_world_size(kernels
     grad_fn = ms.grad(Step(), grad_position=0)
     dx = grad_fn(x, weight, bias, shift, dy)
     dx.asnumpy()
-    assert recorder.payloads == [((3 * channels + 1,), ms.float32), ((2 * channels,), ms.float32)]
+    # [shifted sums (3C+1) | num_features check (1)] forward, [grad sums (2C) | layer tag (1)]
+    # backward: the two check slots turn mismatched layers into errors.
+    assert recorder.payloads == [((3 * channels + 2,), ms.float32), ((2 * channels + 1,), ms.float32)]
     _, mean, invstd, var, count = function(x, weight, bias, shift)
     np.testing.assert_allclose(mean.asnumpy(), x64.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var.asnumpy(), x64.var(axis=(0, 2, 3)), rtol=1e-5)

@@ -123,8 +123,10 @@ def test_rank_that_never_joins_ends_job(tmp_path):
     outcome = run_fault(tmp_path, "skip", FAULT_NODE_TIMEOUT)
     assert_job_failed_in_bound(outcome)
     assert outcome.failed_rank == 0, outcome.report()  # the waiting rank gives up first
-    assert "AllReduce" in outcome.cause, outcome.report()
-    # ... and its log names the rank it waited for: "Ring ReduceScatter wait receiving [1,..] failed"
+    # The layer runs as a compiled graph, whose RuntimeError carries no text; the rank's
+    # log names the failed kernel ...
+    assert "AllReduce" in outcome.cause or "AllReduce" in outcome.logs[0], outcome.report()
+    # ... and the rank it waited for: "Ring ReduceScatter wait receiving [1,..] failed"
     assert re.search(r"wait receiving \[1,", outcome.logs[0]), outcome.logs[0][-3000:]
 
 
