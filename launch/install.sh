@@ -7,6 +7,6 @@ PY=${PYTHON:-python}
 # MindSpore 2.10 wheels are built against NumPy 1.x; torch is only the tests' float64 oracle
 # (pinned: an unpinned torch pulls a multi-GB CUDA build).
 $PY -m pip install --quiet "mindspore==2.10.0" "numpy<2" "torch==2.13.0" pytest
-$PY -m pip install --quiet -r requirements-docs.txt 2>/dev/null || true
+$PY -m pip install --quiet -r requirements-docs.txt  # Sphinx, for the API reference and its test
 $PY -m pip install --quiet --no-build-isolation -e .
 $PY -c "import ms_syncbn, ms_syncbn.kernels.cpu as k; print('ms_syncbn', ms_syncbn.__version__, 'CPU kernels:', k.cpu_library_path())"
