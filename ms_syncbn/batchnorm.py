@@ -101,6 +101,9 @@ class SyncBatchNorm(nn.Cell):
             is not `num_features`, or, in training, if the group's batch holds a single
             value per channel.
         TypeError: At call time, if `x` is not a floating-point tensor.
+        ValueError: In training, if the ranks of the group disagree on `num_features`.
+        RuntimeError: In training, if the backward collectives of two layers were paired with
+            each other across ranks (a compiled graph ran parallel branches in different orders).
 
     Supported Platforms:
         ``Ascend`` ``CPU``

@@ -23,6 +23,10 @@ must be near the mean. When it is not (first step: K = 0; a shift in the data),
 i.e. (S1/N)^2 > RESHIFT_RATIO * var, every rank takes the same decision from
 the same reduced numbers and repeats the pass once around K = mean: a second
 all-reduce in that step only.
+
+The backward sends [ sum(dy) (C) | sum(dy*(x-mean)) (C) | layer number (1) ]
+(2C+1,); a last slot other than group_size * layer number means the collectives
+of two layers were paired with each other, and raises.
 """
 import itertools
 
