@@ -18,7 +18,7 @@ and, with --components, the floor of a step and the parts of a SyncBatchNorm ste
 * ``torch_floor`` the same for PyTorch (if --torch);
 * ``syncbn_fwd``  the SyncBatchNorm forward alone;
 * ``kernels``     the four CPU kernels chained, without the layer's small per-channel ops;
-* ``allreduce``   the two collectives of a step, (3C+1,) and (2C,) float32 (world > 1).
+* ``allreduce``   the two collectives of a step, (3C+2,) and (2C+1,) float32 (world > 1).
 
 A step is ``value_and_grad`` of ``sum(layer(x) * dy)`` with respect to x and the
 parameters (one compiled graph in graph mode), followed by a host
@@ -180,6 +180,9 @@ def main():
         finally:
             batchnorm_module.all_reduce_sum = original
         layer.set_train(True)
+        # The compiled training path would run the recorder's Python only while compiling;
+        # the op-by-op body is the same code and sends the same payloads.
+        layer._forward_train = layer._train_body  # pylint: disable=protected-access
         step = TrainStep(layer)
         steps = []
         for _ in range(2):
@@ -243,8 +246,8 @@ def main():
                                                              per_channel, per_channel, count))
                 if world > 1:
                     two_all_reduces = TwoAllReduces()
-                    forward_payload = ms.Tensor(np.ones(3 * channels + 1, np.float32))
-                    backward_payload = ms.Tensor(np.ones(2 * channels, np.float32))
+                    forward_payload = ms.Tensor(np.ones(3 * channels + 2, np.float32))
+                    backward_payload = ms.Tensor(np.ones(2 * channels + 1, np.float32))
                     candidates["allreduce"] = lambda: sync(two_all_reduces(forward_payload,
                                                                            backward_payload))
             names = list(candidates)

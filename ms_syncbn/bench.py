@@ -287,7 +287,7 @@ def summarize(job_results, args):
                 "steady_step_elements": steady,
                 "steady_step_bytes": [FLOAT32_BYTES * n for n in steady],
                 "identical_on_all_ranks": all(r["payloads"].get(text) == recorded for r in per_rank),
-                "expected_elements": [3 * channels + 1, 2 * channels] if ranks > 1 else [],
+                "expected_elements": [3 * channels + 2, 2 * channels + 1] if ranks > 1 else [],
                 # PyTorch / mint.nn.SyncBatchNorm all-gather W*(2C+1) values in forward:
                 "allgather_style_forward_elements": ranks * (2 * channels + 1) if ranks > 1 else 0,
             })
@@ -317,7 +317,7 @@ def check_targets(runs, payloads, bandwidth):
                        "met": row["fraction_of_copy"] >= TARGET_KERNEL_COPY_FRACTION})
     for row in payloads:
         expected = row["expected_elements"]
-        checks.append({"target": "payload: one (3C+1) forward + one (2C) backward; none at 1 rank",
+        checks.append({"target": "payload: one (3C+2) forward + one (2C+1) backward; none at 1 rank",
                        "mode": "pynative", "shape": row["shape"], "ranks": row["ranks"],
                        "value": row["steady_step_elements"],
                        "met": row["steady_step_elements"] == expected and row["identical_on_all_ranks"]})

@@ -3,8 +3,8 @@
 It launches two msrun jobs (1 and 2 ranks) on a tiny shape. Checked: the exit
 status, the table on stdout, and the fields of the JSON file. No timing is
 asserted (the numbers are wall-clock times on a shared machine); the recorded
-all-reduce payloads are asserted, since they are exact: one (3C+1,) and one
-(2C,) float32 collective per step at 2 ranks, none at 1 rank.
+all-reduce payloads are asserted, since they are exact: one (3C+2,) and one
+(2C+1,) float32 collective per step at 2 ranks, none at 1 rank.
 """
 import json
 import os
@@ -93,8 +93,8 @@ def test_quick_bench_records_one_3c_plus_1_and_one_2c_all_reduce_per_step(quick_
     assert payloads[1]["steady_step_elements"] == []
     two = payloads[2]
     assert two["channels"] == CHANNELS
-    assert two["steady_step_elements"] == [3 * CHANNELS + 1, 2 * CHANNELS]
-    assert two["steady_step_bytes"] == [4 * (3 * CHANNELS + 1), 4 * 2 * CHANNELS]
+    assert two["steady_step_elements"] == [3 * CHANNELS + 2, 2 * CHANNELS + 1]
+    assert two["steady_step_bytes"] == [4 * (3 * CHANNELS + 2), 4 * (2 * CHANNELS + 1)]
     assert two["identical_on_all_ranks"] is True
     assert two["allgather_style_forward_elements"] == 2 * (2 * CHANNELS + 1)
 

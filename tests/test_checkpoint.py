@@ -30,12 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHANNELS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def pynative_cpu():
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
-    yield
-    ms.set_context(mode=previous)
+pytestmark = pytest.mark.usefixtures("pynative_cpu")
 
 
 class Holder(nn.Cell):
