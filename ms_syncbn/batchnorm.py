@@ -170,7 +170,7 @@ class SyncBatchNorm(nn.Cell):
         kernels = kernels_for(ms.get_context("device_target"))
         all_reduce = None if group is None else all_reduce_sum(group)
         self.group_stats = SyncBatchNormFunction(kernels, eps, all_reduce, self.group_size)
-        self.local_stats = SyncBatchNormFunction(kernels, eps, None)
+        self.local_batch_stats = SyncBatchNormFunction(kernels, eps, None)  # eval, untracked
         self.frozen_stats = FrozenStatsNormalize(kernels)
 
     def extend_repr(self):
@@ -238,7 +238,7 @@ class SyncBatchNorm(nn.Cell):
             invstd = ops.rsqrt(self.running_var.astype(ms.float32) + self.eps)
             return self.frozen_stats(x, mean, invstd, weight, bias)
         # Evaluation without running statistics: the local batch, no communication.
-        y, _, _, _, _ = self.local_stats(x, weight, bias, self.stat_shift)
+        y, _, _, _, _ = self.local_batch_stats(x, weight, bias, self.stat_shift)
         return y
 
     def _update_state(self, mean, var, count):
