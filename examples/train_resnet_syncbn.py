@@ -208,8 +208,10 @@ def max_difference(sync_net, plain_net):
     plain_state = state_by_sync_names(plain_net, sync_net)
     worst, where = 0.0, None
     for param in sync_net.get_parameters():
-        if param.name not in plain_state or param.name.endswith(("stat_shift", "num_batches_tracked")):
+        if param.name.endswith(("stat_shift", "num_batches_tracked")):
             continue
+        if param.name not in plain_state:  # a check that compared nothing must not pass
+            return float("inf"), f"{param.name} (no counterpart in the single-process network)"
         diff = float(np.max(np.abs(param.asnumpy() - plain_state[param.name])))
         if diff >= worst:
             worst, where = diff, param.name
