@@ -24,8 +24,7 @@ cpu_kernels = Extension(
     "ms_syncbn._cpu_kernels",
     sources=["ops/cpu/syncbn_cpu.cc"],
     language="c++",
-    extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"],
-    extra_link_args=["-fopenmp"],
+    extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno"],
 )
 
 setup(
