@@ -13,16 +13,17 @@ rotating), so that noise from the shared machine hits them alike:
 
 and, with --components, the floor of a step and the parts of a SyncBatchNorm step:
 
-* ``floor``       the same MindSpore step with an identity layer (loss, its gradient, the
-                  synchronisation: what every MindSpore candidate pays besides its layer);
+* ``floor``       the same MindSpore step with an identity layer (graph launch, gradient
+                  plumbing, synchronisation: what every MindSpore candidate pays besides its layer);
 * ``torch_floor`` the same for PyTorch (if --torch);
 * ``syncbn_fwd``  the SyncBatchNorm forward alone;
 * ``kernels``     the four CPU kernels chained, without the layer's small per-channel ops;
 * ``allreduce``   the two collectives of a step, (3C+2,) and (2C+1,) float32 (world > 1).
 
-A step is ``value_and_grad`` of ``sum(layer(x) * dy)`` with respect to x and the
-parameters (one compiled graph in graph mode), followed by a host
-synchronisation (``asnumpy``) -- the same for every candidate. Before each timed
+A step is the forward and the backward of the layer for a fixed random upstream
+gradient dy -- the gradients with respect to x and the parameters (one compiled
+graph in graph mode; torch: ``layer(x).backward(dy)``) -- followed by a host
+synchronisation (``asnumpy``), the same for every candidate. Before each timed
 step the ranks meet at a barrier (untimed), so a step never includes waiting
 for a rank that is still busy with another candidate. It also records
 the all-reduce payloads of SyncBatchNorm (PyNative; first step and steady state)
@@ -70,27 +71,22 @@ def main():
         torch.set_num_threads(1)
     kernels = cpu_kernels()
 
-    class LossOf(nn.Cell):
-        """sum(layer(x) * dy): dy is the upstream gradient of layer(x)."""
+    class TrainStep(nn.Cell):
+        """Forward and backward of `layer` for the upstream gradient dy: (dx, parameter grads).
+
+        The vector-Jacobian product of the layer alone, as torch's ``layer(x).backward(dy)``:
+        no loss reduction, whose MindSpore CPU kernel alone (ReduceSum, ~2 ms for 0.5 M
+        floats) would outweigh the layer being measured.
+        """
 
         def __init__(self, layer):
             super().__init__()
             self.layer = layer
+            self.params = ms.ParameterTuple(layer.trainable_params())
+            self.grad = ops.GradOperation(get_all=True, get_by_list=True, sens_param=True)
 
         def construct(self, x, dy):
-            return (self.layer(x) * dy).sum()
-
-    class TrainStep(nn.Cell):
-        """Loss and gradients with respect to x and the layer's parameters."""
-
-        def __init__(self, layer):
-            super().__init__()
-            self.grad_fn = ms.value_and_grad(LossOf(layer), grad_position=0,
-                                             weights=layer.trainable_params())
-
-        def construct(self, x, dy):
-            loss, (dx, grads) = self.grad_fn(x, dy)
-            return loss, dx, grads
+            return self.grad(self.layer, self.params)(x, dy)
 
     class Identity(nn.Cell):
         def construct(self, x):
@@ -182,7 +178,7 @@ def main():
         layer.set_train(True)
         # The compiled training path would run the recorder's Python only while compiling;
         # the op-by-op body is the same code and sends the same payloads.
-        layer._forward_train = layer._train_body  # pylint: disable=protected-access
+        layer._forward_train = lambda x: layer._train_body(x, False)  # pylint: disable=protected-access
         step = TrainStep(layer)
         steps = []
         for _ in range(2):
@@ -223,7 +219,7 @@ def main():
                 def torch_step():
                     torch_x.grad = None
                     torch_layer.zero_grad(set_to_none=True)
-                    (torch_layer(torch_x) * torch_dy).sum().backward()
+                    torch_layer(torch_x).backward(torch_dy)
 
                 candidates["torch"] = torch_step
             if args.components:
@@ -234,7 +230,7 @@ def main():
 
                     def torch_floor_step():
                         torch_floor_x.grad = None
-                        (torch_floor_x * torch_dy).sum().backward()
+                        torch_floor_x.view_as(torch_floor_x).backward(torch_dy)
 
                     candidates["torch_floor"] = torch_floor_step
                 syncbn_forward = Forward(syncbn_layer)

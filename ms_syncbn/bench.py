@@ -226,6 +226,9 @@ def run_job(ranks, args, log_root, use_torch):
     env = dict(os.environ)
     env.setdefault("GLOG_v", "3")
     env.setdefault("OMP_NUM_THREADS", "1")  # one core's worth of threads per rank
+    # The workers import the ms_syncbn this process runs, installed or not.
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
     start = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=env, start_new_session=True)
@@ -270,7 +273,7 @@ def summarize(job_results, args):
                     row["syncbn_over_bn2d"] = row["syncbn_ms"] / row["bn2d_ms"]
                 if "torch_ms" in row:
                     row["syncbn_over_torch"] = row["syncbn_ms"] / row["torch_ms"]
-                # What the layers add to the framework's floor (loss, gradient, synchronisation).
+                # What the layers add to the framework's floor (launch, gradient plumbing, synchronisation).
                 if "floor_ms" in row:
                     row["syncbn_layer_ms"] = row["syncbn_ms"] - row["floor_ms"]
                     row["bn2d_layer_ms"] = row["bn2d_ms"] - row["floor_ms"]
@@ -330,7 +333,8 @@ def format_report(results):
     lines.append(f"ms_syncbn benchmark  {results['started']}  ({results['machine']['cpus']} CPUs, "
                  f"kernels: {bandwidth['isa']}, OMP_NUM_THREADS per rank: "
                  f"{results['config']['omp_num_threads']})")
-    lines.append("Step = forward + backward of sum(layer(x) * dy), median ms of the slowest rank. "
+    lines.append("Step = forward + backward of the layer for an upstream gradient dy (no loss "
+                 "reduction), median ms of the slowest rank. "
                  "Shared machine: numbers are noisy.")
     lines.append("floor / torch_floor: the same step with an identity layer; syncbn_fwd: forward "
                  "only; kernels: the 4 CPU kernels alone; allreduce: the step's 2 collectives alone.")
