@@ -12,13 +12,25 @@ normalize           x, mean, invstd, weight, bias                              y
 backward_reduce     dy, x, mean                                                (2C,) float32:
                                                                                [sum(dy), sum(dy*(x-mean))]
 backward_elemt      dy, x, mean, invstd, weight, sums (2C,), count (1,)        dx, dtype of x
+guard               values (M,) float32, code (1,) float32                     values, or raises
 ==================  =========================================================  ==================
 
 Sums are over the local batch; kernels never communicate. An entry is a
 primitive or a Cell, so it can be called from ``construct`` in PyNative and in
 graph mode.
+
+``guard`` lets a compiled graph stop without a branch: code 0 passes `values`
+through; any code of :data:`GUARD_CODES` raises a RuntimeError carrying the
+code (the CPU kernel also writes its meaning to stderr).
 """
 from typing import Any, NamedTuple
+
+
+# Error codes of the guard kernel (ops/cpu/syncbn_cpu.cc, Guard, holds the same meanings).
+GUARD_CHANNELS_DIFFER = 2.0  # the ranks of the process group disagree on num_features
+GUARD_SINGLE_VALUE = 3.0  # the group's batch holds 1 value per channel in training
+GUARD_MISPAIRED = 4.0  # a backward all-reduce was paired with another layer's
+GUARD_CODES = (GUARD_CHANNELS_DIFFER, GUARD_SINGLE_VALUE, GUARD_MISPAIRED)
 
 
 class BatchNormKernels(NamedTuple):
@@ -29,6 +41,7 @@ class BatchNormKernels(NamedTuple):
     normalize: Any
     backward_reduce: Any
     backward_elemt: Any
+    guard: Any
 
 
 def kernels_for(device_target: str) -> BatchNormKernels:

@@ -73,8 +73,22 @@ class _Normalize(nn.Cell):
         return self.elemt(x, weight, bias, mean, invstd, 0.0)
 
 
+class _Guard(nn.Cell):
+    """values (M,), code (1,) -> values; a code other than 0 raises (graph control flow)."""
+
+    def construct(self, values, code):
+        if code[0] != 0.0:
+            raise RuntimeError("ms_syncbn SyncBatchNorm error (code: see "
+                               "ms_syncbn.kernels.GUARD_CODES).")
+        return values
+
+
 @functools.lru_cache(maxsize=None)
 def ascend_kernels() -> BatchNormKernels:
-    """The Ascend table (BatchNormStats, BatchNormElemt, BatchNormReduceGrad, BatchNormElemtGrad)."""
+    """The Ascend table (BatchNormStats, BatchNormElemt, BatchNormReduceGrad, BatchNormElemtGrad).
+
+    The guard is a branch in the graph: there is no native kernel that fails on a value.
+    """
     return BatchNormKernels(backend="Ascend", local_stats=_LocalStats(), normalize=_Normalize(),
-                            backward_reduce=_BackwardReduce(), backward_elemt=_BackwardElemt())
+                            backward_reduce=_BackwardReduce(), backward_elemt=_BackwardElemt(),
+                            guard=_Guard())

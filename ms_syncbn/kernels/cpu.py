@@ -50,4 +50,6 @@ def cpu_kernels() -> BatchNormKernels:
         # dy, x, mean, invstd, weight, sums (2C,), count (1,) -> dx like x
         backward_elemt=_custom("BackwardElemt", lambda dy, x, m, s, w, sums, n: x,
                                lambda dy, x, m, s, w, sums, n: x),
+        # values (M,) f32, code (1,) f32 -> values, or a RuntimeError carrying the code
+        guard=_custom("Guard", lambda values, code: values, lambda values, code: values),
     )

@@ -45,6 +45,7 @@
 // =========================================== part 1: shared definitions ===
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -202,6 +203,38 @@ extern "C" int BackwardElemt(int nparam, void **params, int *ndims, int64_t **sh
   if (nparam != 8 || ndims[1] < 2) return 1;
   if (std::strcmp(dtypes[0], dtypes[1]) != 0) return 1;
   return mssbn::run(mssbn::kBackwardElemt, dtypes[1], params, mssbn::ncs_of(ndims[1], shapes[1]));
+}
+
+// Guard: values (M,) float32, code (1,) float32 -> values (M,) float32.
+// The branch-free way for a compiled graph to stop on a condition every rank
+// agrees on: the caller computes an error code (0 = no error) from all-reduced
+// numbers and routes a small tensor it needs next through this kernel. Code 0:
+// copies `values`. Code k >= 1: writes what k means to stderr and returns k,
+// which MindSpore raises as a RuntimeError naming this function and k; the
+// output is then not written. The codes are ms_syncbn.kernels.GUARD_CODES.
+extern "C" int Guard(int nparam, void **params, int *ndims, int64_t **shapes,
+                     const char **dtypes, void *, void *) {
+  if (nparam != 3 || ndims[0] != 1 || std::strcmp(dtypes[0], "float32") != 0 ||
+      std::strcmp(dtypes[1], "float32") != 0)
+    return 1;
+  static const char *const kMeaning[] = {
+      nullptr,
+      "malformed call of the Guard kernel",
+      "the ranks of the process group disagree on num_features",
+      "the batch of the process group holds 1 value per channel in training",
+      "the backward all-reduce of a layer was paired with another layer's on some rank "
+      "(a compiled graph ran the collectives of parallel branches in different orders)",
+  };
+  const int kCodes = static_cast<int>(sizeof kMeaning / sizeof kMeaning[0]);
+  const float code = *static_cast<const float *>(params[1]);
+  if (code != 0.0f) {
+    const int k = code >= 1.0f && code < static_cast<float>(kCodes) ? static_cast<int>(code) : 1;
+    std::fprintf(stderr, "ms_syncbn SyncBatchNorm error %d: %s.\n", k, kMeaning[k]);
+    std::fflush(stderr);
+    return k;
+  }
+  std::memcpy(params[2], params[0], static_cast<size_t>(shapes[0][0]) * sizeof(float));
+  return 0;
 }
 
 #else  // MSSBN_ISA
