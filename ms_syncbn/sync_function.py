@@ -13,7 +13,8 @@ the same on every rank (the layer keeps it: the previous group mean):
 
 so the payload is O(C) whatever the world size, and an empty rank (n = 0)
 simply sends zeros. The last slot sums to group_size * C exactly when every
-rank's layer has C channels; anything else raises instead of mixing layers. After the all-reduce (sums S1, S2, Q, N):
+rank's layer has C channels; anything else is reported (the layer raises)
+instead of mixing layers. After the all-reduce (sums S1, S2, Q, N):
 
     mean = Q/N + S1/N         exact even if the ranks' K differ
     var  = S2/N - (S1/N)^2    exact when every rank used the same K
@@ -26,12 +27,14 @@ all-reduce in that step only.
 
 The backward sends [ sum(dy) (C) | sum(dy*(x-mean)) (C) | layer number (1) ]
 (2C+1,); a last slot other than group_size * layer number means the collectives
-of two layers were paired with each other, and raises.
+of two layers were paired with each other, and stops the step (guard kernel).
 """
 import itertools
 
 import mindspore as ms
 from mindspore import nn, ops
+
+from ms_syncbn.kernels import GUARD_MISPAIRED
 
 # Re-centre when the shift is further than sqrt(64) = 8 standard deviations
 # from the mean: beyond that float32 loses more than ~6 bits of the variance.
@@ -42,6 +45,9 @@ RESHIFT_MEAN_TOLERANCE = 2.0 ** -20
 
 
 _LAYER_NUMBERS = itertools.count(1)
+
+# Positions in the status output of SyncBatchNormFunction.
+STATUS_CHANNELS_DIFFER, STATUS_COUNT = 0, 1
 
 
 def combine_stats(sums):
@@ -86,8 +92,13 @@ class SyncBatchNormFunction(nn.Cell):
         - **shift** (Tensor) - (C,) float32, identical on every rank of the group.
 
     Outputs:
-        Tuple of 5 tensors: y (like x), mean (C,), invstd (C,), biased var (C,), count (1,),
-        statistics over the whole group, identical on every rank. Only y carries a gradient.
+        Tuple of 6 tensors: y (like x), mean (C,), invstd (C,), biased var (C,), count (1,),
+        statistics over the whole group, and status (2,) float32 = [channels differ (0/1),
+        count], all identical on every rank; only y carries a gradient. When channels
+        differ, the ranks' layers disagree on num_features and nothing else is meaningful:
+        the caller raises. (The function does not raise itself: a branch on a tensor
+        costs milliseconds in a graph run from PyNative; the caller reads the status on
+        the host.)
     """
 
     def __init__(self, kernels, eps, all_reduce=None, group_size=1):
@@ -102,6 +113,7 @@ class SyncBatchNormFunction(nn.Cell):
         self.normalize = kernels.normalize
         self.backward_reduce = kernels.backward_reduce
         self.backward_elemt = kernels.backward_elemt
+        self.guard = kernels.guard
         self.eps = eps
         self.all_reduce = all_reduce
         self.group_size = group_size
@@ -113,27 +125,27 @@ class SyncBatchNormFunction(nn.Cell):
         return local_sums
 
     def _group_stats(self, x, shift):
-        """x (N, C, *), shift (C,) -> group mean, var, offset (C,), count (1,)."""
+        """x (N, C, *), shift (C,) -> group mean, var, offset (C,), count (1,), channels_differ (1,)."""
         local_sums = self.local_stats(x, shift)  # (3C+1,)
         if not self.synchronized:
-            return combine_stats(local_sums)
+            return combine_stats(local_sums) + (ops.zeros((1,), ms.float32),)
         # One more slot carries C: ranks whose layers disagree on num_features send buffers
         # of different lengths, which the all-reduce does not detect by itself.
         channels = x.shape[1]
         reduced = self.all_reduce(ops.cat((local_sums, ops.fill(ms.float32, (1,), float(channels)))))
-        if ops.abs(reduced[-1] - float(channels * self.group_size)) > 0.5:
-            raise ValueError(f"SyncBatchNorm: the ranks of the group disagree on num_features: "
-                             f"this rank's layer has num_features={channels}, but the channel "
-                             f"counts of the group's ranks do not all match it.")
-        return combine_stats(reduced[:-1])
+        channels_differ = ops.abs(reduced[-1:] - float(channels * self.group_size)) > 0.5
+        return combine_stats(reduced[:-1]) + (channels_differ.astype(ms.float32),)
 
     def construct(self, x, weight, bias, shift):
-        mean, var, offset, count = self._group_stats(x, shift)
-        if needs_reshift(mean, var, offset):
-            mean, var, offset, count = self._group_stats(x, mean)
+        mean, var, offset, count, channels_differ = self._group_stats(x, shift)
+        # The one branch on a tensor: hidden from autodiff by bprop, and rare to be taken.
+        # Never with mismatched layers: their sums are garbage, and a second collective
+        # could wait forever for the rank whose all-reduce already failed.
+        if ops.logical_and(needs_reshift(mean, var, offset), channels_differ[0] < 0.5):
+            mean, var, offset, count, channels_differ = self._group_stats(x, mean)
         invstd = ops.rsqrt(var + self.eps)
         y = self.normalize(x, mean, invstd, weight, bias)
-        return y, mean, invstd, var, count
+        return y, mean, invstd, var, count, ops.cat((channels_differ, count))
 
     def bprop(self, x, weight, bias, shift, out, dout):
         dy = dout[0]
@@ -152,16 +164,13 @@ class SyncBatchNormFunction(nn.Cell):
         return dx, grad_weight, grad_bias, ops.zeros_like(shift)
 
     def _checked_group_sum(self, local_sums):
-        """(2C,) -> (2C,) group sums, raising if another layer's collective was paired with ours."""
+        """(2C,) -> (2C,) group sums; raises (guard) if another layer's collective was paired with ours."""
         tag = ops.fill(ms.float32, (1,), self.pairing_tag)
         reduced = self.all_reduce(ops.cat((local_sums, tag)))  # (2C+1,)
-        if ops.abs(reduced[-1] - self.pairing_tag * self.group_size) > 0.5:
-            raise RuntimeError("SyncBatchNorm: in graph mode, the backward all-reduce of this layer "
-                               "was paired with another layer's on some rank (the runtime ran "
-                               "the collectives of parallel branches in different orders); the "
-                               "gradients of this step would be wrong. Run in PyNative mode, or see "
-                               "README 'Known issues'.")
-        return reduced[:-1]
+        mispaired = ops.abs(reduced[-1:] - self.pairing_tag * self.group_size) > 0.5
+        code = mispaired.astype(ms.float32) * GUARD_MISPAIRED  # (1,): 0 or the error code
+        # No branch: the guard kernel passes the sums through or stops the step.
+        return self.guard(reduced[:-1], code)
 
 
 class FrozenStatsNormalize(nn.Cell):

@@ -30,6 +30,9 @@ import pytest
 import mindspore as ms
 from mindspore import nn
 
+from ms_syncbn.kernels import (GUARD_CHANNELS_DIFFER, GUARD_CODES, GUARD_MISPAIRED,
+                               GUARD_SINGLE_VALUE)
+from ms_syncbn.kernels.ascend import _Guard as _AscendGuard
 from ms_syncbn.kernels.cpu import cpu_kernels, cpu_library_path
 from ms_syncbn.sync_function import SyncBatchNormFunction
 
@@ -547,7 +550,7 @@ def test_collective_payload_is_3c_plus_2_then_2c_plus_1_whatever_the_world_size(
             self.function = function
 
         def construct(self, x, weight, bias, shift, dy):
-            y, _, _, _, _ = self.function(x, weight, bias, shift)
+            y, _, _, _, _, _ = self.function(x, weight, bias, shift)
             return (y * dy).sum()
 
     grad_fn = ms.grad(Step(), grad_position=0)
@@ -556,10 +559,11 @@ def test_collective_payload_is_3c_plus_2_then_2c_plus_1_whatever_the_world_size(
     # [shifted sums (3C+1) | num_features check (1)] forward, [grad sums (2C) | layer tag (1)]
     # backward: the two check slots turn mismatched layers into errors.
     assert recorder.payloads == [((3 * channels + 2,), ms.float32), ((2 * channels + 1,), ms.float32)]
-    _, mean, invstd, var, count = function(x, weight, bias, shift)
+    _, mean, invstd, var, count, status = function(x, weight, bias, shift)
     np.testing.assert_allclose(mean.asnumpy(), x64.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var.asnumpy(), x64.var(axis=(0, 2, 3)), rtol=1e-5)
     assert count.asnumpy()[0] == world_size * x64.size // channels
+    np.testing.assert_array_equal(status.asnumpy(), [0.0, world_size * x64.size // channels])
 
 
 @pytest.mark.parametrize("channels", [1, 5, 64, 257])
@@ -576,3 +580,52 @@ def test_library_reports_an_instruction_set():
     lib = ctypes.CDLL(cpu_library_path())
     lib.MsSyncBnCpuIsa.restype = ctypes.c_char_p
     assert lib.MsSyncBnCpuIsa().decode() in ("avx512", "avx2", "baseline")
+
+
+# ------------------------------------------------------------------------------ guard --
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_guard_passes_values_through_on_code_zero(kernels, mode):
+    class Guarded(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.guard = kernels.guard
+
+        def construct(self, values, code):
+            return self.guard(values, code) * 2.0
+
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    try:
+        values = np.random.default_rng(7).normal(size=11).astype(np.float32)
+        out = Guarded()(ms.Tensor(values), ms.Tensor(np.zeros(1, np.float32)))
+        np.testing.assert_array_equal(out.asnumpy(), values * 2.0)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+@pytest.mark.parametrize("code", GUARD_CODES)
+def test_guard_raises_carrying_the_code_and_says_what_it_means(kernels, code, capfd):
+    meaning = {GUARD_CHANNELS_DIFFER: "disagree on num_features",
+               GUARD_SINGLE_VALUE: "1 value per channel",
+               GUARD_MISPAIRED: "paired with another layer"}[code]
+    values = ms.Tensor(np.ones(3, np.float32))
+    with pytest.raises(RuntimeError, match=rf"Guard\)? is {int(code)}\b"):
+        kernels.guard(values, ms.Tensor(np.array([code], np.float32))).asnumpy()
+    err = capfd.readouterr().err
+    assert f"ms_syncbn SyncBatchNorm error {int(code)}: " in err and meaning in err, err
+
+
+def test_guard_rejects_a_malformed_call(kernels):
+    with pytest.raises(RuntimeError, match=r"is 1\b"):
+        kernels.guard(ms.Tensor(np.ones((2, 2), np.float32)),
+                      ms.Tensor(np.zeros(1, np.float32))).asnumpy()
+
+
+def test_ascend_guard_composite_on_cpu():
+    """The Ascend table's guard is graph control flow over ordinary ops: it runs here too."""
+    guard = _AscendGuard()
+    values = ms.Tensor(np.arange(4, dtype=np.float32))
+    np.testing.assert_array_equal(guard(values, ms.Tensor(np.zeros(1, np.float32))).asnumpy(),
+                                  np.arange(4, dtype=np.float32))
+    with pytest.raises(RuntimeError, match="ms_syncbn SyncBatchNorm error"):
+        guard(values, ms.Tensor(np.array([GUARD_SINGLE_VALUE], np.float32)))
