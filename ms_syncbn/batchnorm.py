@@ -192,8 +192,10 @@ class SyncBatchNorm(nn.Cell):
                                     name="stat_shift", requires_grad=False)
         self._ones = Tensor(np.ones((num_features,), np.float32))
         self._zeros = Tensor(np.zeros((num_features,), np.float32))
+        self._momentum = Tensor([0.0 if momentum is None else momentum], ms.float32)
 
         kernels = kernels_for(ms.get_context("device_target"))
+        self.update_stats = kernels.update_stats
         all_reduce = None if group is None else all_reduce_sum(group)
         self.group_stats = SyncBatchNormFunction(kernels, eps, all_reduce, self.group_size)
         self.local_batch_stats = SyncBatchNormFunction(kernels, eps, None)  # eval, untracked
@@ -302,28 +304,25 @@ class SyncBatchNorm(nn.Cell):
         Nothing changes unless `kept` (1,) bool. A channel is updated only if the group
         batch is non-empty and its mean and variance are finite: NaN or Inf in a batch
         shows in that step's output and loss, but never reaches the state that later
-        steps and evaluation use.
+        steps and evaluation use. (One ``update_stats`` kernel: the arithmetic is stated
+        there.)
         """
-        mean = ops.stop_gradient(mean)
-        var = ops.stop_gradient(var)
-        count = ops.stop_gradient(count)
-        has_data = ops.logical_and(count > 0.0, kept)  # (1,)
-        keep = ops.logical_and(has_data.broadcast_to(mean.shape),
-                               ops.logical_and(ops.isfinite(mean), ops.isfinite(var)))  # (C,)
-        ops.assign(self.stat_shift, ops.select(keep, mean, self.stat_shift))
+        channels = self.num_features
         if self.track_running_stats:
-            tracked = self.num_batches_tracked + has_data.astype(ms.int64).reshape(())
-            ops.assign(self.num_batches_tracked, tracked)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / ops.maximum(tracked, 1).astype(ms.float32)
-            else:
-                factor = ops.scalar_to_tensor(self.momentum, ms.float32)
-            unbiased = var * count / ops.maximum(count - 1.0, 1.0)
             running_mean = self.running_mean.astype(ms.float32)
             running_var = self.running_var.astype(ms.float32)
-            new_mean = (1.0 - factor) * running_mean + factor * mean
-            new_var = (1.0 - factor) * running_var + factor * unbiased
-            ops.assign(self.running_mean,
-                       ops.select(keep, new_mean, running_mean).astype(self.param_dtype))
-            ops.assign(self.running_var,
-                       ops.select(keep, new_var, running_var).astype(self.param_dtype))
+            if self.momentum is None:  # cumulative moving average over the batches with data
+                factor = 1.0 / (self.num_batches_tracked + 1).astype(ms.float32).reshape((1,))
+            else:
+                factor = self._momentum
+        else:  # only the shift is kept
+            running_mean, running_var, factor = self.stat_shift, self.stat_shift, self._momentum
+        new_state = self.update_stats(ops.stop_gradient(mean), ops.stop_gradient(var),
+                                      ops.stop_gradient(count), kept.astype(ms.float32),
+                                      self.stat_shift, running_mean, running_var, factor)  # (3C+1,)
+        ops.assign(self.stat_shift, new_state[:channels])
+        if self.track_running_stats:
+            ops.assign(self.running_mean, new_state[channels:2 * channels].astype(self.param_dtype))
+            ops.assign(self.running_var, new_state[2 * channels:3 * channels].astype(self.param_dtype))
+            updated = new_state[3 * channels:].astype(ms.int64).reshape(())
+            ops.assign(self.num_batches_tracked, self.num_batches_tracked + updated)

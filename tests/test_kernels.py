@@ -32,7 +32,7 @@ from mindspore import nn
 
 from ms_syncbn.kernels import (GUARD_CHANNELS_DIFFER, GUARD_CODES, GUARD_MISPAIRED,
                                GUARD_SINGLE_VALUE)
-from ms_syncbn.kernels.ascend import _Guard as _AscendGuard
+from ms_syncbn.kernels.composite import Guard as CompositeGuard, UpdateStats as CompositeUpdateStats
 from ms_syncbn.kernels.cpu import cpu_kernels, cpu_library_path
 from ms_syncbn.sync_function import SyncBatchNormFunction
 
@@ -621,11 +621,61 @@ def test_guard_rejects_a_malformed_call(kernels):
                       ms.Tensor(np.zeros(1, np.float32))).asnumpy()
 
 
-def test_ascend_guard_composite_on_cpu():
+def test_composite_guard_on_cpu():
     """The Ascend table's guard is graph control flow over ordinary ops: it runs here too."""
-    guard = _AscendGuard()
+    guard = CompositeGuard()
     values = ms.Tensor(np.arange(4, dtype=np.float32))
     np.testing.assert_array_equal(guard(values, ms.Tensor(np.zeros(1, np.float32))).asnumpy(),
                                   np.arange(4, dtype=np.float32))
     with pytest.raises(RuntimeError, match="ms_syncbn SyncBatchNorm error"):
         guard(values, ms.Tensor(np.array([GUARD_SINGLE_VALUE], np.float32)))
+
+
+# ------------------------------------------------------------------------- update_stats --
+
+def update_stats_ref(mean, var, count, kept, shift, running_mean, running_var, factor):
+    """float64 evaluation of the UpdateStats contract (ops/cpu/syncbn_cpu.cc)."""
+    updated = kept != 0.0 and count > 0.0
+    change = updated & np.isfinite(mean) & np.isfinite(var)
+    with np.errstate(invalid="ignore"):  # inf * 0 in channels that do not change
+        unbiased = var * count / max(count - 1.0, 1.0)
+    return (np.where(change, mean, shift),
+            np.where(change, (1 - factor) * running_mean + factor * mean, running_mean),
+            np.where(change, (1 - factor) * running_var + factor * unbiased, running_var),
+            float(updated))
+
+
+@pytest.mark.parametrize("count, kept", [(37.0, 1.0), (1.0, 1.0), (2.0, 1.0), (0.0, 1.0),
+                                         (37.0, 0.0)])
+@pytest.mark.parametrize("implementation", ["cpu_kernel", "composite"])
+def test_update_stats(kernels, implementation, count, kept):
+    rng = np.random.default_rng(int(count) * 10 + int(kept))
+    channels = 7
+    mean = rng.normal(3.0, 2.0, channels).astype(np.float32)
+    var = rng.uniform(0.1, 4.0, channels).astype(np.float32)
+    mean[2], var[4], mean[5], var[6] = np.nan, np.inf, -np.inf, np.nan  # channels that must not move
+    shift, running_mean = (rng.normal(size=channels).astype(np.float32) for _ in range(2))
+    running_var = rng.uniform(0.5, 2.0, channels).astype(np.float32)
+    factor = np.float32(0.1)
+    update = kernels.update_stats if implementation == "cpu_kernel" else CompositeUpdateStats()
+    out = update(*(ms.Tensor(np.asarray(v, np.float32).reshape(-1)) for v in
+                   (mean, var, count, kept, shift, running_mean, running_var, factor))).asnumpy()
+    assert out.shape == (3 * channels + 1,) and out.dtype == np.float32
+    f64 = [np.asarray(v, np.float64) for v in (mean, var, count, kept, shift, running_mean,
+                                                 running_var, factor)]
+    ref_shift, ref_mean, ref_var, ref_updated = update_stats_ref(*f64)
+    for got, ref in ((out[:channels], ref_shift), (out[channels:2 * channels], ref_mean),
+                     (out[2 * channels:3 * channels], ref_var)):
+        # float32: a few roundings of terms of size ~|running| + |mean|
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    assert out[-1] == ref_updated
+    for c in (2, 4, 5, 6):  # non-finite statistics: state unchanged bit for bit
+        assert out[c] == shift[c] and out[channels + c] == running_mean[c]
+        assert out[2 * channels + c] == running_var[c]
+
+
+def test_update_stats_rejects_a_malformed_call(kernels):
+    c = ms.Tensor(np.ones(3, np.float32))
+    one = ms.Tensor(np.ones(1, np.float32))
+    with pytest.raises(RuntimeError, match=r"is 1\b"):  # running_var of the wrong length
+        kernels.update_stats(c, c, one, one, c, c, ms.Tensor(np.ones(4, np.float32)), one).asnumpy()

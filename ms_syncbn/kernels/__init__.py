@@ -1,4 +1,4 @@
-"""Kernel tables: the four batch-norm kernels, one table per backend.
+"""Kernel tables: the batch-norm kernels, one table per backend.
 
 Every table implements the same contracts (shapes for an input x of shape
 (N, C, *), per-channel tensors float32):
@@ -12,6 +12,9 @@ normalize           x, mean, invstd, weight, bias                              y
 backward_reduce     dy, x, mean                                                (2C,) float32:
                                                                                [sum(dy), sum(dy*(x-mean))]
 backward_elemt      dy, x, mean, invstd, weight, sums (2C,), count (1,)        dx, dtype of x
+update_stats        mean, var (C,), count (1,), kept (1,), shift,              (3C+1,) float32:
+                    running_mean, running_var (C,), factor (1,)                [shift' | running_mean' |
+                                                                               running_var' | updated]
 guard               values (M,) float32, code (1,) float32                     values, or raises
 ==================  =========================================================  ==================
 
@@ -19,9 +22,11 @@ Sums are over the local batch; kernels never communicate. An entry is a
 primitive or a Cell, so it can be called from ``construct`` in PyNative and in
 graph mode.
 
-``guard`` lets a compiled graph stop without a branch: code 0 passes `values`
-through; any code of :data:`GUARD_CODES` raises a RuntimeError carrying the
-code (the CPU kernel also writes its meaning to stderr).
+``update_stats`` is the layer's state after a training step, in one call
+(``UpdateStats`` in ops/cpu/syncbn_cpu.cc states the arithmetic). ``guard`` lets
+a compiled graph stop without a branch: code 0 passes `values` through; any
+code of :data:`GUARD_CODES` raises a RuntimeError carrying the code (the CPU
+kernel also writes its meaning to stderr).
 """
 from typing import Any, NamedTuple
 
@@ -41,6 +46,7 @@ class BatchNormKernels(NamedTuple):
     normalize: Any
     backward_reduce: Any
     backward_elemt: Any
+    update_stats: Any
     guard: Any
 
 

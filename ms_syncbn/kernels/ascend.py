@@ -11,6 +11,7 @@ from mindspore import nn, ops
 from mindspore.ops import auto_generate as native
 
 from ms_syncbn.kernels import BatchNormKernels
+from ms_syncbn.kernels.composite import Guard, UpdateStats
 
 # BatchNormStats returns invstd = 1/sqrt(var + eps); this eps keeps a constant
 # channel finite while changing var by at most 1e-12.
@@ -73,22 +74,13 @@ class _Normalize(nn.Cell):
         return self.elemt(x, weight, bias, mean, invstd, 0.0)
 
 
-class _Guard(nn.Cell):
-    """values (M,), code (1,) -> values; a code other than 0 raises (graph control flow)."""
-
-    def construct(self, values, code):
-        if code[0] != 0.0:
-            raise RuntimeError("ms_syncbn SyncBatchNorm error (code: see "
-                               "ms_syncbn.kernels.GUARD_CODES).")
-        return values
-
-
 @functools.lru_cache(maxsize=None)
 def ascend_kernels() -> BatchNormKernels:
     """The Ascend table (BatchNormStats, BatchNormElemt, BatchNormReduceGrad, BatchNormElemtGrad).
 
-    The guard is a branch in the graph: there is no native kernel that fails on a value.
+    The state update and the guard are composites (ms_syncbn.kernels.composite): per-channel
+    arithmetic, and a graph branch (no native kernel fails on a value).
     """
     return BatchNormKernels(backend="Ascend", local_stats=_LocalStats(), normalize=_Normalize(),
                             backward_reduce=_BackwardReduce(), backward_elemt=_BackwardElemt(),
-                            guard=_Guard())
+                            update_stats=UpdateStats(), guard=Guard())

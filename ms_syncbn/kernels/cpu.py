@@ -50,6 +50,9 @@ def cpu_kernels() -> BatchNormKernels:
         # dy, x, mean, invstd, weight, sums (2C,), count (1,) -> dx like x
         backward_elemt=_custom("BackwardElemt", lambda dy, x, m, s, w, sums, n: x,
                                lambda dy, x, m, s, w, sums, n: x),
+        # mean, var, count, kept, shift, running_mean, running_var, factor -> (3C+1,) f32
+        update_stats=_custom("UpdateStats", lambda m, v, n, k, s, rm, rv, f: (3 * m[0] + 1,),
+                             lambda m, v, n, k, s, rm, rv, f: ms.float32),
         # values (M,) f32, code (1,) f32 -> values, or a RuntimeError carrying the code
         guard=_custom("Guard", lambda values, code: values, lambda values, code: values),
     )

@@ -44,6 +44,7 @@
 #ifndef MSSBN_ISA
 // =========================================== part 1: shared definitions ===
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -203,6 +204,55 @@ extern "C" int BackwardElemt(int nparam, void **params, int *ndims, int64_t **sh
   if (nparam != 8 || ndims[1] < 2) return 1;
   if (std::strcmp(dtypes[0], dtypes[1]) != 0) return 1;
   return mssbn::run(mssbn::kBackwardElemt, dtypes[1], params, mssbn::ncs_of(ndims[1], shapes[1]));
+}
+
+// UpdateStats: mean, var (C,), count (1,), kept (1,), shift, running_mean,
+// running_var (C,), factor (1,), all float32 -> (3C+1,) float32
+//   [shift' (C) | running_mean' (C) | running_var' (C) | updated (1)].
+// The layer's state after one training step, in one call instead of two dozen
+// tiny operators. `mean` and the biased `var` are the group's statistics over
+// `count` values; `kept` is 1 when the step may change the state (0 when it is
+// about to stop on an error). updated = kept and count > 0. Channel c changes
+// only if updated and mean[c], var[c] are finite (NaN or Inf in a batch must not
+// reach later steps):
+//   shift'[c]        = mean[c]
+//   running_mean'[c] = (1 - factor) * running_mean[c] + factor * mean[c]
+//   running_var'[c]  = (1 - factor) * running_var[c]
+//                      + factor * var[c] * count / max(count - 1, 1)   (unbiased)
+// otherwise it keeps its value. Float32 arithmetic, as the composite form of
+// the same contract (ms_syncbn.kernels.composite).
+extern "C" int UpdateStats(int nparam, void **params, int *ndims, int64_t **shapes,
+                           const char **dtypes, void *, void *) {
+  if (nparam != 9) return 1;
+  for (int i = 0; i < 9; ++i)
+    if (ndims[i] != 1 || std::strcmp(dtypes[i], "float32") != 0) return 1;
+  const int64_t channels = shapes[0][0];
+  const int per_channel[] = {0, 1, 4, 5, 6};
+  for (int i : per_channel)
+    if (shapes[i][0] != channels) return 1;
+  if (shapes[2][0] != 1 || shapes[3][0] != 1 || shapes[7][0] != 1 || shapes[8][0] != 3 * channels + 1)
+    return 1;
+  const float *mean = static_cast<const float *>(params[0]);
+  const float *var = static_cast<const float *>(params[1]);
+  const float count = *static_cast<const float *>(params[2]);
+  const float kept = *static_cast<const float *>(params[3]);
+  const float *shift = static_cast<const float *>(params[4]);
+  const float *running_mean = static_cast<const float *>(params[5]);
+  const float *running_var = static_cast<const float *>(params[6]);
+  const float factor = *static_cast<const float *>(params[7]);
+  float *out = static_cast<float *>(params[8]);
+  const bool updated = kept != 0.0f && count > 0.0f;
+  const float unbias = count / std::max(count - 1.0f, 1.0f);
+  for (int64_t c = 0; c < channels; ++c) {
+    const bool change = updated && std::isfinite(mean[c]) && std::isfinite(var[c]);
+    out[c] = change ? mean[c] : shift[c];
+    out[channels + c] =
+        change ? (1.0f - factor) * running_mean[c] + factor * mean[c] : running_mean[c];
+    out[2 * channels + c] =
+        change ? (1.0f - factor) * running_var[c] + factor * (var[c] * unbias) : running_var[c];
+  }
+  out[3 * channels] = updated ? 1.0f : 0.0f;
+  return 0;
 }
 
 // Guard: values (M,) float32, code (1,) float32 -> values (M,) float32.

@@ -1,0 +1,36 @@
+"""Composite forms of kernel contracts: ordinary MindSpore operators, any backend.
+
+The Ascend table uses them where no native kernel fits; the CPU tests run them
+against the CPU kernels of the same contracts (they are the readable statement
+of what those kernels compute).
+"""
+import mindspore as ms
+from mindspore import nn, ops
+
+
+class UpdateStats(nn.Cell):
+    """mean, var (C,), count (1,), kept (1,), shift, running_mean, running_var (C,), factor (1,)
+    -> (3C+1,) float32 [shift' | running_mean' | running_var' | updated].
+
+    See ``UpdateStats`` in ops/cpu/syncbn_cpu.cc for the contract.
+    """
+
+    def construct(self, mean, var, count, kept, shift, running_mean, running_var, factor):
+        updated = ops.logical_and(kept != 0.0, count > 0.0)  # (1,)
+        change = ops.logical_and(updated.broadcast_to(mean.shape),
+                                 ops.logical_and(ops.isfinite(mean), ops.isfinite(var)))  # (C,)
+        unbiased = var * (count / ops.maximum(count - 1.0, 1.0))
+        new_mean = (1.0 - factor) * running_mean + factor * mean
+        new_var = (1.0 - factor) * running_var + factor * unbiased
+        return ops.cat((ops.select(change, mean, shift), ops.select(change, new_mean, running_mean),
+                        ops.select(change, new_var, running_var), updated.astype(ms.float32)))
+
+
+class Guard(nn.Cell):
+    """values (M,), code (1,) -> values; a code other than 0 raises (a graph branch)."""
+
+    def construct(self, values, code):
+        if code[0] != 0.0:
+            raise RuntimeError("ms_syncbn SyncBatchNorm error (code: see "
+                               "ms_syncbn.kernels.GUARD_CODES).")
+        return values
