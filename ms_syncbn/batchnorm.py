@@ -218,9 +218,11 @@ class SyncBatchNorm(nn.Cell):
                             f"float32 or float64), but got {x.dtype}.")
 
     def _affine_params(self):
-        if self.affine:
-            return self.weight.astype(ms.float32), self.bias.astype(ms.float32)
-        return self._ones, self._zeros
+        if not self.affine:
+            return self._ones, self._zeros
+        if self.param_dtype == ms.float32:  # no cast: it would be one more op each way
+            return self.weight, self.bias
+        return self.weight.astype(ms.float32), self.bias.astype(ms.float32)
 
     def construct(self, x):
         self._check_input(x)  # plain Python in PyNative: nothing malformed reaches a kernel
@@ -309,8 +311,10 @@ class SyncBatchNorm(nn.Cell):
         """
         channels = self.num_features
         if self.track_running_stats:
-            running_mean = self.running_mean.astype(ms.float32)
-            running_var = self.running_var.astype(ms.float32)
+            running_mean, running_var = self.running_mean, self.running_var
+            if self.param_dtype != ms.float32:
+                running_mean, running_var = (running_mean.astype(ms.float32),
+                                             running_var.astype(ms.float32))
             if self.momentum is None:  # cumulative moving average over the batches with data
                 factor = 1.0 / (self.num_batches_tracked + 1).astype(ms.float32).reshape((1,))
             else:
