@@ -178,7 +178,7 @@ def main():
         layer.set_train(True)
         # The compiled training path would run the recorder's Python only while compiling;
         # the op-by-op body is the same code and sends the same payloads.
-        layer._forward_train = lambda x: layer._train_body(x, False)  # pylint: disable=protected-access
+        layer._forward_train = layer._train_body  # pylint: disable=protected-access
         step = TrainStep(layer)
         steps = []
         for _ in range(2):

@@ -5,11 +5,10 @@ from typing import Optional
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
-from mindspore.ops.primitive import constexpr
 
 from ms_syncbn.comm import all_reduce_sum, resolve_group
 from ms_syncbn.kernels import GUARD_CHANNELS_DIFFER, GUARD_SINGLE_VALUE, kernels_for
-from ms_syncbn.sync_function import (STATUS_CHANNELS_DIFFER, STATUS_COUNT, FrozenStatsNormalize,
+from ms_syncbn.sync_function import (STATUS_CHANNELS_DIFFER, FrozenStatsNormalize,
                                      SyncBatchNormFunction)
 
 _FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
@@ -39,24 +38,6 @@ def _check_constructor_args(num_features, eps, momentum, affine, track_running_s
     if dtype is not None and dtype not in _FLOAT_DTYPES:
         raise TypeError(f"SyncBatchNorm: dtype must be None or one of float16, bfloat16, float32, "
                         f"float64, but got {dtype!r}.")
-
-
-def _python_function():
-    return None
-
-
-@constexpr(check=False)
-def _is_none(value):
-    return value is None
-
-
-def _compiled():
-    """True while MindSpore compiles the caller into a graph, False when Python runs it.
-
-    A compiled graph passes a function to a constant-folded call as an unknown
-    value (None); Python passes the function itself.
-    """
-    return _is_none(_python_function)
 
 
 class SyncBatchNorm(nn.Cell):
@@ -121,15 +102,13 @@ class SyncBatchNorm(nn.Cell):
             is not `num_features`, or, in training on one rank, if `x` holds a single value
             per channel.
         TypeError: At call time, if `x` is not a floating-point tensor.
-        ValueError: In training run by Python (PyNative), if the ranks of the group
-            disagree on `num_features`, or the group's batch holds a single value per
-            channel.
-        RuntimeError: In training inside a compiled graph (graph mode, or the caller's
-            ``jit``), for the same two conditions: the step stops in the guard kernel,
-            and the error names it and a code (2: `num_features` differs, 3: one value
-            per channel), whose meaning the kernel also writes to stderr. In any mode,
-            code 4: the backward collectives of two layers were paired with each other
-            across ranks (a compiled graph ran parallel branches in different orders).
+        RuntimeError: In training, on every rank of the group, if the ranks disagree on
+            `num_features` or the group's batch holds a single value per channel: the
+            step stops in the guard kernel, and the error names it and a code (2:
+            `num_features` differs, 3: one value per channel), whose meaning the kernel
+            also writes to stderr. Code 4: the backward collectives of two layers were
+            paired with each other across ranks (a compiled graph ran parallel branches
+            in different orders).
 
     Supported Platforms:
         ``Ascend`` ``CPU``
@@ -233,62 +212,45 @@ class SyncBatchNorm(nn.Cell):
         if self.group_size == 1 and x.size == self.num_features:
             raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
                              f"training, but got input of shape {x.shape}.")
-        if _compiled():
-            # Part of the caller's graph: errors stop it through the guard kernel, so
-            # the graph holds no branch (one costs ~1 ms per layer and step on CPU).
-            y, _ = self._train_body(x, True)
-            return y
         if x.dtype == ms.bfloat16:
-            y, status = self._train_body(x, False)
-        else:
-            y, status = self._forward_train(x)
-        if self.group_size > 1:
-            status = status.asnumpy()  # one host read; identical on every rank: all raise alike
-            if status[STATUS_CHANNELS_DIFFER] > 0.5:
-                raise ValueError(f"SyncBatchNorm: the ranks of process group {self.group_label} "
-                                 f"disagree on num_features: this rank's layer has "
-                                 f"num_features={self.num_features}, but the channel counts of "
-                                 f"the group's ranks do not all match it.")
-            if status[STATUS_COUNT] == 1:
-                raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
-                                 f"training, but the batch of process group {self.group_label} "
-                                 f"holds 1 value per channel.")
-        return y
+            return self._train_body(x)
+        return self._forward_train(x)
 
     # Run by Python (PyNative), both paths are compiled all the same: the per-channel
     # arithmetic around the kernels is a few dozen tiny ops, which cost ~1 ms each when
     # dispatched one by one and almost nothing in a graph. One function per mode,
-    # because a compiled graph does not see later changes of `self.training`. The
-    # checks that raise stay outside, on the host, with the values in their message.
-    # bfloat16 runs op by op: PyNative's gradient of a compiled function sums bfloat16
-    # gradients with AddN, which MindSpore has no CPU kernel for.
+    # because a compiled graph does not see later changes of `self.training`. bfloat16
+    # runs op by op: PyNative's gradient of a compiled function sums bfloat16 gradients
+    # with AddN, which MindSpore has no CPU kernel for.
     @ms.jit
     def _forward_train(self, x):
-        return self._train_body(x, False)
+        return self._train_body(x)
 
     @ms.jit
     def _forward_eval(self, x):
         return self._eval_body(x)
 
-    def _train_body(self, x, guarded):
-        """x -> y, status (2,); with `guarded`, errors stop the graph here (guard kernel).
+    def _train_body(self, x):
+        """One training step of the layer: x -> y, and the state updated.
 
-        The state is updated only if the step does not stop on an error.
+        Errors that only the all-reduced sums reveal (the ranks disagree on
+        num_features; the group's batch holds one value per channel) stop the step in
+        the guard kernel, identically on every rank, and leave the state unchanged. No
+        branch and no host read: a branch on a tensor costs ~1 ms per layer and step in
+        a CPU graph, and a host read would stall PyNative's dispatch at every layer.
         """
         weight, bias = self._affine_params()
         y, mean, _, var, count, status = self.group_stats(x, weight, bias, self.stat_shift)
+        if self.group_size == 1:  # nothing to disagree with; one value is caught from the shape
+            self._update_state(mean, var, count, ops.ones((1,), ms.bool_))
+            return y
         channels_differ = status[STATUS_CHANNELS_DIFFER:STATUS_CHANNELS_DIFFER + 1] > 0.5  # (1,)
-        if self.group_size > 1:
-            single_value = ops.logical_and(count == 1.0, ops.logical_not(channels_differ))
-        else:
-            single_value = ops.zeros((1,), ms.bool_)  # checked on the shape, before any kernel
-        kept = ops.logical_not(ops.logical_or(channels_differ, single_value))
-        self._update_state(mean, var, count, kept)
-        if guarded and self.group_size > 1:
-            code = (channels_differ.astype(ms.float32) * GUARD_CHANNELS_DIFFER
-                    + single_value.astype(ms.float32) * GUARD_SINGLE_VALUE)  # (1,)
-            y = ops.depend(y, self.group_stats.guard(status, code))
-        return y, status
+        single_value = ops.logical_and(count == 1.0, ops.logical_not(channels_differ))
+        self._update_state(mean, var, count,
+                           ops.logical_not(ops.logical_or(channels_differ, single_value)))
+        code = (channels_differ.astype(ms.float32) * GUARD_CHANNELS_DIFFER
+                + single_value.astype(ms.float32) * GUARD_SINGLE_VALUE)  # (1,)
+        return ops.depend(y, self.group_stats.guard(status, code))
 
     def _eval_body(self, x):
         weight, bias = self._affine_params()

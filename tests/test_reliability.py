@@ -157,15 +157,19 @@ def test_model_mismatch_ends_job_without_a_result(model_mismatch):
 def test_model_mismatch_error_names_num_features(model_mismatch):
     """The error of a num_features mismatch between ranks must say so.
 
-    Today rank 0 fails with MindSpore's "Launch kernel failed, name:Default/AllReduce-op0"
+    MindSpore's CPU all-reduce of buffers of different lengths fails on one rank
     (its log: "RunRingAllReduce] Memcpy error, ... dest size is 28, src size is 32")
-    and rank 1 receives a silently wrong sum. Proposed fix (core, sync_function.py):
-    carry num_features in one more slot of the payload and check after the all-reduce
-    that it sums to group_size * num_features on every rank.
+    and hands the other a silently wrong sum. The payload's last slot carries
+    num_features; the rank that receives the sum sees it does not add up to
+    group_size * num_features, and the guard kernel stops the step with code 2,
+    writing its meaning to stderr.
     """
     messages = {rank: last_exception(log) for rank, log in model_mismatch.logs.items()}
-    assert any("num_features" in message for message in messages.values()), (
-        f"no rank names num_features: {messages}")
+    guard_lines = {rank: re.findall(r"ms_syncbn SyncBatchNorm error 2: .*", log)
+                   for rank, log in model_mismatch.logs.items()}
+    assert any("function(Guard) is 2" in message for message in messages.values()), messages
+    assert any("disagree on num_features" in line for lines in guard_lines.values()
+               for line in lines), (f"no rank names num_features: {messages} {guard_lines}")
 
 
 # ---------------------------------------------------------------------------------- inputs --

@@ -270,7 +270,8 @@ extern "C" int Guard(int nparam, void **params, int *ndims, int64_t **shapes,
   static const char *const kMeaning[] = {
       nullptr,
       "malformed call of the Guard kernel",
-      "the ranks of the process group disagree on num_features",
+      "the ranks of the process group disagree on num_features (the layers of some ranks "
+      "have a different number of channels; the all-reduced sums are meaningless)",
       "the batch of the process group holds 1 value per channel in training",
       "the backward all-reduce of a layer was paired with another layer's on some rank "
       "(a compiled graph ran the collectives of parallel branches in different orders)",
