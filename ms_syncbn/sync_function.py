@@ -13,17 +13,18 @@ the same on every rank (the layer keeps it: the previous group mean):
 
 so the payload is O(C) whatever the world size, and an empty rank (n = 0)
 simply sends zeros. The last slot sums to group_size * C exactly when every
-rank's layer has C channels; anything else is reported (the layer raises)
-instead of mixing layers. After the all-reduce (sums S1, S2, Q, N):
+rank's layer has C channels; anything else is reported (the layer stops the
+step) instead of mixing layers. After the all-reduce (sums S1, S2, Q, N), the
+``finalize_stats`` kernel computes, per channel:
 
     mean = Q/N + S1/N         exact even if the ranks' K differ
     var  = S2/N - (S1/N)^2    exact when every rank used the same K
 
 The subtraction in var loses about (S1/N)^2 / var of float32's precision, so K
 must be near the mean. When it is not (first step: K = 0; a shift in the data),
-i.e. (S1/N)^2 > RESHIFT_RATIO * var, every rank takes the same decision from
-the same reduced numbers and repeats the pass once around K = mean: a second
-all-reduce in that step only.
+i.e. (S1/N)^2 > RESHIFT_RATIO * var, finalize_stats says so; every rank takes
+the same decision from the same reduced numbers and repeats the pass once
+around K = mean: a second all-reduce in that step only.
 
 The backward sends [ sum(dy) (C) | sum(dy*(x-mean)) (C) | layer number (1) ]
 (2C+1,); a last slot other than group_size * layer number means the collectives
@@ -32,7 +33,7 @@ of two layers were paired with each other, and stops the step (guard kernel).
 import itertools
 
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import Tensor, nn, ops
 
 from ms_syncbn.kernels import GUARD_MISPAIRED
 
@@ -48,32 +49,6 @@ _LAYER_NUMBERS = itertools.count(1)
 
 # Position of the "channels differ" flag in the status output [channels differ, count].
 STATUS_CHANNELS_DIFFER = 0
-
-
-def combine_stats(sums):
-    """Group statistics from all-reduced shifted sums.
-
-    (3C+1,) -> mean (C,), biased var (C,), offset (C,), count (1,)
-
-    ``offset`` = mean - effective shift, the quantity whose size decides
-    whether the pass must be repeated. A group with no element (count = 0) gets
-    mean 0, var 0.
-    """
-    channels = (sums.shape[0] - 1) // 3
-    s1, s2, nk = sums[:channels], sums[channels:2 * channels], sums[2 * channels:3 * channels]
-    count = sums[3 * channels:]
-    safe_count = ops.maximum(count, 1.0)  # N = 0 gives 0 / 1 = 0, never NaN
-    offset = s1 / safe_count
-    mean = nk / safe_count + offset
-    var = s2 / safe_count - offset * offset
-    var = var * (var >= 0.0).astype(var.dtype)  # rounding can dip below 0; NaN stays NaN
-    return mean, var, offset, count
-
-
-def needs_reshift(mean, var, offset):
-    """Whether the shifted sums were too far from the mean to trust var (identical on every rank)."""
-    limit = RESHIFT_RATIO * var + ops.square(RESHIFT_MEAN_TOLERANCE * mean)
-    return (ops.square(offset) > limit).any()
 
 
 class SyncBatchNormFunction(nn.Cell):
@@ -112,7 +87,10 @@ class SyncBatchNormFunction(nn.Cell):
         self.normalize = kernels.normalize
         self.backward_reduce = kernels.backward_reduce
         self.backward_elemt = kernels.backward_elemt
+        self.finalize_stats = kernels.finalize_stats
         self.guard = kernels.guard
+        self.finalize_params = Tensor([float(group_size), eps, RESHIFT_RATIO, RESHIFT_MEAN_TOLERANCE],
+                                      ms.float32)
         self.eps = eps
         self.all_reduce = all_reduce
         self.group_size = group_size
@@ -124,27 +102,28 @@ class SyncBatchNormFunction(nn.Cell):
         return local_sums
 
     def _group_stats(self, x, shift):
-        """x (N, C, *), shift (C,) -> group mean, var, offset (C,), count (1,), channels_differ (1,)."""
-        local_sums = self.local_stats(x, shift)  # (3C+1,)
-        if not self.synchronized:
-            return combine_stats(local_sums) + (ops.zeros((1,), ms.float32),)
-        # One more slot carries C: ranks whose layers disagree on num_features send buffers
-        # of different lengths, which the all-reduce does not detect by itself.
+        """x (N, C, *), shift (C,) -> (3C+3,) [mean | invstd | var | channels differ | count |
+        needs reshift], the group's statistics (finalize_stats), identical on every rank."""
         channels = x.shape[1]
-        reduced = self.all_reduce(ops.cat((local_sums, ops.fill(ms.float32, (1,), float(channels)))))
-        channels_differ = ops.abs(reduced[-1:] - float(channels * self.group_size)) > 0.5
-        return combine_stats(reduced[:-1]) + (channels_differ.astype(ms.float32),)
+        # (3C+1,) local sums, and one more slot carrying C: ranks whose layers disagree on
+        # num_features send buffers of different lengths, which the all-reduce does not
+        # detect by itself.
+        sums = ops.cat((self.local_stats(x, shift), ops.fill(ms.float32, (1,), float(channels))))
+        return self.finalize_stats(self._group_sum(sums), self.finalize_params)  # (3C+2,) -> (3C+3,)
 
     def construct(self, x, weight, bias, shift):
-        mean, var, offset, count, channels_differ = self._group_stats(x, shift)
+        channels = x.shape[1]
+        stats = self._group_stats(x, shift)
         # The one branch on a tensor: hidden from autodiff by bprop, and rare to be taken.
-        # Never with mismatched layers: their sums are garbage, and a second collective
-        # could wait forever for the rank whose all-reduce already failed.
-        if ops.logical_and(needs_reshift(mean, var, offset), channels_differ[0] < 0.5):
-            mean, var, offset, count, channels_differ = self._group_stats(x, mean)
-        invstd = ops.rsqrt(var + self.eps)
+        # Never with mismatched layers (finalize_stats says no): their sums are garbage, and a
+        # second collective could wait forever for the rank whose all-reduce already failed.
+        if stats[3 * channels + 2] > 0.5:
+            stats = self._group_stats(x, stats[:channels])
+        mean, invstd, var = stats[:channels], stats[channels:2 * channels], stats[2 * channels:3 * channels]
+        status = stats[3 * channels:3 * channels + 2]  # [channels differ, count]
+        count = status[1:]
         y = self.normalize(x, mean, invstd, weight, bias)
-        return y, mean, invstd, var, count, ops.cat((channels_differ, count))
+        return y, mean, invstd, var, count, status
 
     def bprop(self, x, weight, bias, shift, out, dout):
         dy = dout[0]

@@ -32,9 +32,10 @@ from mindspore import nn
 
 from ms_syncbn.kernels import (GUARD_CHANNELS_DIFFER, GUARD_CODES, GUARD_MISPAIRED,
                                GUARD_SINGLE_VALUE)
+from ms_syncbn.kernels.composite import FinalizeStats as CompositeFinalizeStats
 from ms_syncbn.kernels.composite import Guard as CompositeGuard, UpdateStats as CompositeUpdateStats
 from ms_syncbn.kernels.cpu import cpu_kernels, cpu_library_path
-from ms_syncbn.sync_function import SyncBatchNormFunction
+from ms_syncbn.sync_function import RESHIFT_MEAN_TOLERANCE, RESHIFT_RATIO, SyncBatchNormFunction
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16,
           "float64": ms.float64}
@@ -679,3 +680,68 @@ def test_update_stats_rejects_a_malformed_call(kernels):
     one = ms.Tensor(np.ones(1, np.float32))
     with pytest.raises(RuntimeError, match=r"is 1\b"):  # running_var of the wrong length
         kernels.update_stats(c, c, one, one, c, c, ms.Tensor(np.ones(4, np.float32)), one).asnumpy()
+
+
+# ----------------------------------------------------------------------- finalize_stats --
+
+FINALIZE_PARAMS = (2.0, 1e-5, RESHIFT_RATIO, RESHIFT_MEAN_TOLERANCE)  # group of 2 ranks
+
+
+def group_sums(rng, channels, ranks_rows, loc, shift):
+    """The all-reduced (3C+2,) sums of ranks holding `ranks_rows` rows each, and the float64 data."""
+    data = [rng.normal(loc, 2.0, (rows, channels, 4)).astype(np.float32).astype(np.float64)
+            for rows in ranks_rows]
+    full = np.concatenate(data, axis=0)
+    d = full - shift[None, :, None]
+    n = full.size // channels
+    sums = np.concatenate([d.sum(axis=(0, 2)), (d * d).sum(axis=(0, 2)), n * shift,
+                           [n, channels * len(ranks_rows)]])
+    return sums.astype(np.float32), full
+
+
+@pytest.mark.parametrize("implementation", ["cpu_kernel", "composite"])
+@pytest.mark.parametrize("loc, shift_offset, expect_reshift", [(0.5, 0.1, 0.0), (3.0, -40.0, 1.0)])
+def test_finalize_stats(kernels, implementation, loc, shift_offset, expect_reshift):
+    rng = np.random.default_rng(41)
+    channels = 5
+    shift = np.full(channels, loc + shift_offset).astype(np.float32).astype(np.float64)
+    sums, full = group_sums(rng, channels, (3, 6), loc, shift)
+    finalize = kernels.finalize_stats if implementation == "cpu_kernel" else CompositeFinalizeStats()
+    out = finalize(ms.Tensor(sums), ms.Tensor(np.array(FINALIZE_PARAMS, np.float32))).asnumpy()
+    assert out.shape == (3 * channels + 3,) and out.dtype == np.float32
+    mean, var = full.mean(axis=(0, 2)), full.var(axis=(0, 2))
+    np.testing.assert_allclose(out[:channels], mean, rtol=1e-6, atol=1e-6)
+    if not expect_reshift:  # a trusted variance: the shift is near the mean
+        np.testing.assert_allclose(out[2 * channels:3 * channels], var, rtol=1e-5)
+        np.testing.assert_allclose(out[channels:2 * channels], 1 / np.sqrt(var + 1e-5), rtol=1e-5)
+    assert out[3 * channels] == 0.0 and out[3 * channels + 1] == full.size // channels
+    assert out[3 * channels + 2] == expect_reshift
+
+
+@pytest.mark.parametrize("implementation", ["cpu_kernel", "composite"])
+def test_finalize_stats_edge_cases(kernels, implementation):
+    finalize = kernels.finalize_stats if implementation == "cpu_kernel" else CompositeFinalizeStats()
+    params = ms.Tensor(np.array(FINALIZE_PARAMS, np.float32))
+    # Empty group: mean 0, var 0, count 0, nothing to re-centre.
+    empty = np.zeros(3 * 2 + 2, np.float32)
+    empty[-1] = 4.0  # 2 channels x 2 ranks
+    out = finalize(ms.Tensor(empty), params).asnumpy()
+    np.testing.assert_array_equal(out[:2], [0, 0])
+    np.testing.assert_array_equal(out[4:], [0, 0, 0, 0, 0])
+    # The ranks disagree on num_features: flagged, and never a re-centring pass.
+    rng = np.random.default_rng(3)
+    sums, _ = group_sums(rng, 2, (2, 2), 100.0, np.zeros(2))  # K = 0 far from the mean
+    sums[-1] = 5.0
+    out = finalize(ms.Tensor(sums), params).asnumpy()
+    assert out[6] == 1.0 and out[8] == 0.0
+    # A NaN channel stays NaN and does not make the other channels re-centre.
+    sums, _ = group_sums(rng, 2, (2, 2), 0.5, np.full(2, 0.5))
+    sums[0] = np.nan
+    out = finalize(ms.Tensor(sums), params).asnumpy()
+    assert np.isnan(out[0]) and np.isfinite(out[1]) and out[8] == 0.0
+
+
+def test_finalize_stats_rejects_a_malformed_call(kernels):
+    with pytest.raises(RuntimeError, match=r"is 1\b"):  # 3C+1 sums: the channel slot is missing
+        kernels.finalize_stats(ms.Tensor(np.ones(7, np.float32)),
+                               ms.Tensor(np.array(FINALIZE_PARAMS, np.float32))).asnumpy()

@@ -12,6 +12,10 @@ normalize           x, mean, invstd, weight, bias                              y
 backward_reduce     dy, x, mean                                                (2C,) float32:
                                                                                [sum(dy), sum(dy*(x-mean))]
 backward_elemt      dy, x, mean, invstd, weight, sums (2C,), count (1,)        dx, dtype of x
+finalize_stats      sums (3C+2,): [sum(x-K), sum((x-K)^2), n*K, n, C] summed   (3C+3,) float32:
+                    over the group; params (4,): [group size, eps,             [mean | invstd | var |
+                    reshift ratio, mean tolerance]                             channels differ | count |
+                                                                               needs reshift]
 update_stats        mean, var (C,), count (1,), kept (1,), shift,              (3C+1,) float32:
                     running_mean, running_var (C,), factor (1,)                [shift' | running_mean' |
                                                                                running_var' | updated]
@@ -22,8 +26,9 @@ Sums are over the local batch; kernels never communicate. An entry is a
 primitive or a Cell, so it can be called from ``construct`` in PyNative and in
 graph mode.
 
-``update_stats`` is the layer's state after a training step, in one call
-(``UpdateStats`` in ops/cpu/syncbn_cpu.cc states the arithmetic). ``guard`` lets
+``finalize_stats`` turns the group's sums into its statistics and
+``update_stats`` gives the layer's state after a training step, each in one call
+(``FinalizeStats`` and ``UpdateStats`` in ops/cpu/syncbn_cpu.cc state the arithmetic). ``guard`` lets
 a compiled graph stop without a branch: code 0 passes `values` through; any
 code of :data:`GUARD_CODES` raises a RuntimeError carrying the code (the CPU
 kernel also writes its meaning to stderr).
@@ -46,6 +51,7 @@ class BatchNormKernels(NamedTuple):
     normalize: Any
     backward_reduce: Any
     backward_elemt: Any
+    finalize_stats: Any
     update_stats: Any
     guard: Any
 

@@ -11,7 +11,7 @@ from mindspore import nn, ops
 from mindspore.ops import auto_generate as native
 
 from ms_syncbn.kernels import BatchNormKernels
-from ms_syncbn.kernels.composite import Guard, UpdateStats
+from ms_syncbn.kernels.composite import FinalizeStats, Guard, UpdateStats
 
 # BatchNormStats returns invstd = 1/sqrt(var + eps); this eps keeps a constant
 # channel finite while changing var by at most 1e-12.
@@ -78,9 +78,10 @@ class _Normalize(nn.Cell):
 def ascend_kernels() -> BatchNormKernels:
     """The Ascend table (BatchNormStats, BatchNormElemt, BatchNormReduceGrad, BatchNormElemtGrad).
 
-    The state update and the guard are composites (ms_syncbn.kernels.composite): per-channel
-    arithmetic, and a graph branch (no native kernel fails on a value).
+    finalize_stats, update_stats and guard are composites (ms_syncbn.kernels.composite):
+    per-channel arithmetic, and a graph branch (no native kernel fails on a value).
     """
     return BatchNormKernels(backend="Ascend", local_stats=_LocalStats(), normalize=_Normalize(),
                             backward_reduce=_BackwardReduce(), backward_elemt=_BackwardElemt(),
-                            update_stats=UpdateStats(), guard=Guard())
+                            finalize_stats=FinalizeStats(), update_stats=UpdateStats(),
+                            guard=Guard())

@@ -8,6 +8,31 @@ import mindspore as ms
 from mindspore import nn, ops
 
 
+class FinalizeStats(nn.Cell):
+    """sums (3C+2,), params (4,) -> (3C+3,) float32
+    [mean | invstd | var | channels differ | count | needs reshift], in float32.
+
+    See ``FinalizeStats`` in ops/cpu/syncbn_cpu.cc for the contract.
+    """
+
+    def construct(self, sums, params):
+        channels = (sums.shape[0] - 2) // 3
+        s1, s2 = sums[:channels], sums[channels:2 * channels]
+        nk, count = sums[2 * channels:3 * channels], sums[3 * channels:3 * channels + 1]
+        group_size, eps, ratio, tolerance = params[0], params[1], params[2], params[3]
+        channels_differ = ops.abs(sums[3 * channels + 1:] - channels * group_size) > 0.5  # (1,)
+        safe_count = ops.maximum(count, 1.0)  # N = 0: all sums are 0, so mean = var = 0
+        offset = s1 / safe_count
+        mean = nk / safe_count + offset
+        var = s2 / safe_count - offset * offset
+        var = var * (var >= 0.0).astype(var.dtype)  # rounding can dip below 0; NaN stays NaN
+        limit = ratio * var + ops.square(tolerance * mean)
+        reshift = ops.logical_and((ops.square(offset) > limit).any().reshape((1,)),
+                                  ops.logical_not(channels_differ))
+        return ops.cat((mean, ops.rsqrt(var + eps), var, channels_differ.astype(ms.float32), count,
+                        reshift.astype(ms.float32)))
+
+
 class UpdateStats(nn.Cell):
     """mean, var (C,), count (1,), kept (1,), shift, running_mean, running_var (C,), factor (1,)
     -> (3C+1,) float32 [shift' | running_mean' | running_var' | updated].

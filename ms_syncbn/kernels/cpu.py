@@ -50,6 +50,9 @@ def cpu_kernels() -> BatchNormKernels:
         # dy, x, mean, invstd, weight, sums (2C,), count (1,) -> dx like x
         backward_elemt=_custom("BackwardElemt", lambda dy, x, m, s, w, sums, n: x,
                                lambda dy, x, m, s, w, sums, n: x),
+        # sums (3C+2,), params (4,) -> (3C+3,) f32
+        finalize_stats=_custom("FinalizeStats", lambda sums, p: (sums[0] + 1,),
+                               lambda sums, p: ms.float32),
         # mean, var, count, kept, shift, running_mean, running_var, factor -> (3C+1,) f32
         update_stats=_custom("UpdateStats", lambda m, v, n, k, s, rm, rv, f: (3 * m[0] + 1,),
                              lambda m, v, n, k, s, rm, rv, f: ms.float32),

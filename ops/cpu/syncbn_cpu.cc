@@ -206,6 +206,55 @@ extern "C" int BackwardElemt(int nparam, void **params, int *ndims, int64_t **sh
   return mssbn::run(mssbn::kBackwardElemt, dtypes[1], params, mssbn::ncs_of(ndims[1], shapes[1]));
 }
 
+// FinalizeStats: sums (3C+2,), params (4,), both float32 -> (3C+3,) float32
+//   [mean (C) | invstd (C) | var (C) | channels differ | count | needs reshift].
+// The group statistics from the all-reduced shifted sums, in one call instead of
+// some thirty per-channel operators. sums = [S1 = sum(x-K) (C) | S2 = sum((x-K)^2)
+// (C) | Q = sum(n*K) (C) | N | channel slot], params = [group size, eps, reshift
+// ratio, mean tolerance]. Per channel, in double, with N' = max(N, 1):
+//   offset = S1/N';  mean = Q/N' + offset;  var = max(S2/N' - offset^2, 0)
+//   (NaN stays NaN);  invstd = 1/sqrt(var + eps)
+// channels differ = |channel slot - C * group size| > 0.5 (the ranks' layers
+// disagree on num_features: nothing else is meaningful); needs reshift = not
+// channels differ and, for some channel, offset^2 > ratio * var + (tolerance *
+// mean)^2 (the shift was too far from the mean for the variance to be trusted).
+// Every rank gets the same sums and so the same outputs, bit for bit. The
+// composite form: ms_syncbn.kernels.composite.FinalizeStats.
+extern "C" int FinalizeStats(int nparam, void **params, int *ndims, int64_t **shapes,
+                             const char **dtypes, void *, void *) {
+  if (nparam != 3) return 1;
+  for (int i = 0; i < 3; ++i)
+    if (ndims[i] != 1 || std::strcmp(dtypes[i], "float32") != 0) return 1;
+  const int64_t length = shapes[0][0];
+  if (length < 5 || (length - 2) % 3 != 0 || shapes[1][0] != 4) return 1;
+  const int64_t channels = (length - 2) / 3;
+  if (shapes[2][0] != 3 * channels + 3) return 1;
+  const float *sums = static_cast<const float *>(params[0]);
+  const float *p = static_cast<const float *>(params[1]);
+  float *out = static_cast<float *>(params[2]);
+  const double group_size = p[0], eps = p[1], ratio = p[2], tolerance = p[3];
+  const double count = sums[3 * channels];
+  const double slot = sums[3 * channels + 1];
+  const bool channels_differ = std::fabs(slot - static_cast<double>(channels) * group_size) > 0.5;
+  const double safe_count = std::max(count, 1.0);  // N = 0: all sums are 0, so mean = var = 0
+  bool reshift = false;
+  for (int64_t c = 0; c < channels; ++c) {
+    const double offset = sums[c] / safe_count;
+    const double mean = sums[2 * channels + c] / safe_count + offset;
+    double var = sums[channels + c] / safe_count - offset * offset;
+    if (var < 0.0) var = 0.0;  // rounding can dip below 0; NaN stays NaN
+    const double limit = ratio * var + (tolerance * mean) * (tolerance * mean);
+    if (offset * offset > limit) reshift = true;
+    out[c] = static_cast<float>(mean);
+    out[channels + c] = static_cast<float>(1.0 / std::sqrt(var + eps));
+    out[2 * channels + c] = static_cast<float>(var);
+  }
+  out[3 * channels] = channels_differ ? 1.0f : 0.0f;
+  out[3 * channels + 1] = static_cast<float>(count);
+  out[3 * channels + 2] = reshift && !channels_differ ? 1.0f : 0.0f;
+  return 0;
+}
+
 // UpdateStats: mean, var (C,), count (1,), kept (1,), shift, running_mean,
 // running_var (C,), factor (1,), all float32 -> (3C+1,) float32
 //   [shift' (C) | running_mean' (C) | running_var' (C) | updated (1)].
