@@ -206,6 +206,14 @@ extern "C" int BackwardElemt(int nparam, void **params, int *ndims, int64_t **sh
   return mssbn::run(mssbn::kBackwardElemt, dtypes[1], params, mssbn::ncs_of(ndims[1], shapes[1]));
 }
 
+// True if the first `count` tensors of a call are all 1-D float32 (the
+// per-channel kernels below take nothing else).
+static bool all_1d_float32(int count, const int *ndims, const char **dtypes) {
+  for (int i = 0; i < count; ++i)
+    if (ndims[i] != 1 || std::strcmp(dtypes[i], "float32") != 0) return false;
+  return true;
+}
+
 // FinalizeStats: sums (3C+2,), params (4,), both float32 -> (3C+3,) float32
 //   [mean (C) | invstd (C) | var (C) | channels differ | count | needs reshift].
 // The group statistics from the all-reduced shifted sums, in one call instead of
@@ -222,9 +230,7 @@ extern "C" int BackwardElemt(int nparam, void **params, int *ndims, int64_t **sh
 // composite form: ms_syncbn.kernels.composite.FinalizeStats.
 extern "C" int FinalizeStats(int nparam, void **params, int *ndims, int64_t **shapes,
                              const char **dtypes, void *, void *) {
-  if (nparam != 3) return 1;
-  for (int i = 0; i < 3; ++i)
-    if (ndims[i] != 1 || std::strcmp(dtypes[i], "float32") != 0) return 1;
+  if (nparam != 3 || !all_1d_float32(3, ndims, dtypes)) return 1;
   const int64_t length = shapes[0][0];
   if (length < 5 || (length - 2) % 3 != 0 || shapes[1][0] != 4) return 1;
   const int64_t channels = (length - 2) / 3;
@@ -272,9 +278,7 @@ extern "C" int FinalizeStats(int nparam, void **params, int *ndims, int64_t **sh
 // the same contract (ms_syncbn.kernels.composite).
 extern "C" int UpdateStats(int nparam, void **params, int *ndims, int64_t **shapes,
                            const char **dtypes, void *, void *) {
-  if (nparam != 9) return 1;
-  for (int i = 0; i < 9; ++i)
-    if (ndims[i] != 1 || std::strcmp(dtypes[i], "float32") != 0) return 1;
+  if (nparam != 9 || !all_1d_float32(9, ndims, dtypes)) return 1;
   const int64_t channels = shapes[0][0];
   const int per_channel[] = {0, 1, 4, 5, 6};
   for (int i : per_channel)
@@ -313,9 +317,7 @@ extern "C" int UpdateStats(int nparam, void **params, int *ndims, int64_t **shap
 // output is then not written. The codes are ms_syncbn.kernels.GUARD_CODES.
 extern "C" int Guard(int nparam, void **params, int *ndims, int64_t **shapes,
                      const char **dtypes, void *, void *) {
-  if (nparam != 3 || ndims[0] != 1 || std::strcmp(dtypes[0], "float32") != 0 ||
-      std::strcmp(dtypes[1], "float32") != 0)
-    return 1;
+  if (nparam != 3 || !all_1d_float32(3, ndims, dtypes) || shapes[1][0] != 1) return 1;
   static const char *const kMeaning[] = {
       nullptr,
       "malformed call of the Guard kernel",
