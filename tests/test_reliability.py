@@ -21,7 +21,6 @@ import re
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest

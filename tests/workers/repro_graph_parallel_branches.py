@@ -5,9 +5,12 @@ Run: msrun --worker_num=2 --local_worker_num=2 --master_port=PORT --log_dir=DIR 
 A residual block with SyncBatchNorm on two parallel branches, trained with ms.grad in
 GRAPH_MODE on 2 CPU ranks, compared with nn.BatchNorm2d on the concatenated batch. In about
 40% of runs the CPU runtime issues the two branches' backward all-reduces in different orders
-on the two ranks; the layer's backward tag then raises RuntimeError (before the tag existed,
-dx was wrong by 6-12% relative). PASS on the other runs.
+on the two ranks; the layer's backward tag then stops the step in the guard kernel
+(RuntimeError, code 4; before the tag existed, dx was wrong by 6-12% relative). PASS on the
+other runs.
 """
+import numpy as np
+import mindspore as ms
 from mindspore import Tensor, nn, ops
 from mindspore.communication import init, get_rank
 ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
