@@ -20,6 +20,8 @@ update_stats        mean, var (C,), count (1,), kept (1,), shift,              (
                     running_mean, running_var (C,), factor (1,)                [shift' | running_mean' |
                                                                                running_var' | updated]
 guard               values (M,) float32, code (1,) float32                     values, or raises
+local_moments       x (optional: None in a table without it)                   (2C+1,) float32:
+                                                                               [mean_i | m2_i | n_i]
 ==================  =========================================================  ==================
 
 Sums are over the local batch; kernels never communicate. An entry is a
@@ -54,6 +56,9 @@ class BatchNormKernels(NamedTuple):
     finalize_stats: Any
     update_stats: Any
     guard: Any
+    # Per-rank moments of the local batch: mean_i (C,), m2_i = sum((x - mean_i)^2) (C,),
+    # n_i (1,); all zeros for an empty batch. None: the table has no such kernel.
+    local_moments: Any = None
 
 
 def kernels_for(device_target: str) -> BatchNormKernels:

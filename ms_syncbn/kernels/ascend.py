@@ -1,8 +1,30 @@
 """Ascend kernel table: MindSpore's native Ascend batch-norm kernels behind our contracts.
 
-Not executed on our CPU-only machines (see README, "What is verified where").
-Each entry is a thin adapter so that the shared algorithm in
-``ms_syncbn.sync_function`` is exactly the code the CPU tests run.
+Each entry is a thin adapter, so that the shared algorithm in
+``ms_syncbn.sync_function`` is exactly the code the CPU tests run. The adapters
+do what the native kernels do not (README, "How dtypes are routed on Ascend"):
+
+- dtype routing. ``BatchNormStats`` takes float16/float32, ``BatchNormElemt`` and
+  ``BatchNormElemtGrad`` float16/bfloat16/float32 (aclnn), ``BatchNormReduceGrad``
+  returns its sums in the input's dtype. Whatever a kernel does not take goes in
+  as float32 (bfloat16 -> float32 for the statistics, float64 -> float32 and back
+  everywhere); the backward reduction always runs in float32, so payloads and
+  statistics are float32 whatever the input.
+- empty batches. On Atlas A2/A3 ``aclnnBatchNormReduceBackward`` returns without
+  writing its outputs for an empty input; no native kernel is called on an empty
+  local batch (a static shape check: no graph branch), the adapter returns the
+  contract's zeros.
+- no helper with a branch shared by forward and backward: MindSpore 2.10 fails to
+  compile (PyNative ``jit`` under ``grad``: "func_graph->get_return() is null", in
+  MaybeDropFuncGraphs) when a function with an ``if`` on a constant runs both in a Cell's
+  forward and in its ``bprop``; each dtype decision is written where it is used.
+- precision. ``BatchNormReduceGrad`` computes sum(dy*x) - mean*sum(dy) in float32,
+  which cancels when |mean| >> std (0.6 % error at mean 1e4, std 2): the adapter
+  hands it x - mean, centred in float32, and a zero mean.
+
+The tests run this table on CPU over stand-ins of the four primitives
+(tests/ascend_emulation.py) and check the real primitives' type inference with
+exactly these calls (tests/test_ascend_binding.py); see README, "What is verified where".
 """
 import functools
 
@@ -13,75 +35,188 @@ from mindspore.ops import auto_generate as native
 from ms_syncbn.kernels import BatchNormKernels
 from ms_syncbn.kernels.composite import FinalizeStats, Guard, UpdateStats
 
-# BatchNormStats returns invstd = 1/sqrt(var + eps); this eps keeps a constant
-# channel finite while changing var by at most 1e-12.
+# BatchNormStats returns invstd = 1/sqrt(var + eps) in float32; var comes back as
+# 1/invstd^2 - eps, within a few float32 ulps of the kernel's var. This eps keeps a
+# constant channel finite (invstd = 1e6) while moving var by at most ~1e-19.
 _STATS_EPS = 1e-12
 
 
-class _LocalStats(nn.Cell):
-    """x (N, C, *), shift (C,) -> (3C+1,) f32: [sum(x-K), sum((x-K)^2), n*K, n]."""
+def _per_channel_shape(x):
+    """(1, C, 1, ...) for x (N, C, *): broadcasts a (C,) tensor over x."""
+    return (1, x.shape[1]) + (1,) * (x.ndim - 2)
+
+
+def _stats_input(x):
+    """x as BatchNormStats takes it: float16/float32 as they are, anything else as float32."""
+    if x.dtype == ms.float16 or x.dtype == ms.float32:
+        routed = x
+    else:
+        routed = x.astype(ms.float32)
+    return routed
+
+
+def _elemt_input(x):
+    """x as BatchNormElemt(Grad) takes it: float16/bfloat16/float32 as they are, float64 as float32."""
+    if x.dtype == ms.float64:
+        routed = x.astype(ms.float32)
+    else:
+        routed = x
+    return routed
+
+
+def _like(y, x):
+    """A kernel's output y in the dtype of the layer's input x (float64 went in as float32)."""
+    if x.dtype == ms.float64:
+        out = y.astype(ms.float64)
+    else:
+        out = y
+    return out
+
+
+def _as_float32(x):
+    if x.dtype == ms.float32:
+        routed = x
+    else:
+        routed = x.astype(ms.float32)
+    return routed
+
+
+class _LocalMeanVar(nn.Cell):
+    """x (N, C, *) non-empty -> mean (C,), biased var (C,), float32, from one BatchNormStats."""
 
     def __init__(self):
         super().__init__()
         self.stats = native.BatchNormStats()
 
+    def construct(self, x):
+        mean, invstd = self.stats(_stats_input(x), _STATS_EPS)  # (C,), (C,) float32
+        var = ops.relu(1.0 / (invstd * invstd) - _STATS_EPS)  # rounding can dip below 0
+        return mean, var
+
+
+class _LocalStats(nn.Cell):
+    """x (N, C, *), shift (C,) -> (3C+1,) f32: [sum(x-K), sum((x-K)^2), n*K, n].
+
+    sum(x-K) = n (m - K), sum((x-K)^2) = n var + n (m - K)^2 with the local mean m
+    and biased variance var. Zeros for an empty batch, without a native kernel.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.mean_var = _LocalMeanVar()
+
     def construct(self, x, shift):
-        count = x.size // x.shape[1]
-        mean, invstd = self.stats(x, _STATS_EPS)  # local mean, 1/sqrt(var + eps): (C,), (C,)
-        if count == 0:
-            zeros = ops.zeros_like(shift)
-            return ops.cat((zeros, zeros, zeros, ops.zeros((1,), ms.float32)))
-        n = ops.scalar_to_tensor(float(count), ms.float32)
-        d = mean - shift  # sum(x-K) = n (m - K);  sum((x-K)^2) = n var + n (m - K)^2
-        var = ops.relu(1.0 / (invstd * invstd) - _STATS_EPS)
-        return ops.cat((n * d, n * (var + d * d), n * shift, n.reshape((1,))))
+        channels = x.shape[1]
+        count = x.size // channels
+        if count == 0:  # static shape: decided at compile time, no graph branch
+            sums = ops.zeros((3 * channels + 1,), ms.float32)
+        else:
+            mean, var = self.mean_var(x)
+            n = ops.scalar_to_tensor(float(count), ms.float32)
+            d = mean - shift
+            sums = ops.cat((n * d, n * (var + d * d), n * shift, n.reshape((1,))))
+        return sums
+
+
+class _LocalMoments(nn.Cell):
+    """x (N, C, *) -> (2C+1,) f32: [mean_i (C) | m2_i (C) | n_i (1)], the local moments.
+
+    mean_i is the local batch mean per channel, m2_i = sum((x - mean_i)^2) = n_i * biased
+    local var, n_i = N * prod(trailing dims). All zeros for an empty batch, without a
+    native kernel. Numerics: BatchNormStats gives the mean and invstd in float32
+    (its variance is taken around the mean, so it does not cancel at large |mean|);
+    var = 1/invstd^2 - 1e-12 carries a relative error of a few float32 ulps (~3e-7).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.mean_var = _LocalMeanVar()
+
+    def construct(self, x):
+        channels = x.shape[1]
+        count = x.size // channels
+        if count == 0:  # static shape: decided at compile time, no graph branch
+            moments = ops.zeros((2 * channels + 1,), ms.float32)
+        else:
+            mean, var = self.mean_var(x)
+            n = ops.scalar_to_tensor(float(count), ms.float32)
+            moments = ops.cat((mean, n * var, n.reshape((1,))))
+        return moments
 
 
 class _BackwardReduce(nn.Cell):
-    """dy, x, mean -> (2C,) f32: [sum(dy), sum(dy*(x-mean))]."""
+    """dy, x, mean -> (2C,) f32: [sum(dy), sum(dy*(x-mean))].
+
+    The kernel gets x - mean (float32) and a zero mean: it sums dy*x and subtracts
+    mean*sum(dy) in float32, which would cancel at large |mean|/std; in float32 its sums
+    also come back float32 (in float16 they would round, and overflow above 65504).
+    Zeros for an empty batch, without a native kernel (A2/A3 leave them unwritten).
+    """
 
     def __init__(self):
         super().__init__()
         self.reduce_grad = native.BatchNormReduceGrad()
 
     def construct(self, dy, x, mean):
-        ones = ops.ones_like(mean)
-        sum_dy, sum_dy_xmu, _, _ = self.reduce_grad(dy, x, mean, ones, ones, True, False, False)
-        return ops.cat((sum_dy, sum_dy_xmu))
+        channels = x.shape[1]
+        if x.size == 0:  # static shape: decided at compile time, no graph branch
+            sums = ops.zeros((2 * channels,), ms.float32)
+        else:
+            centred = _as_float32(x) - mean.reshape(_per_channel_shape(x))  # (N, C, *) float32
+            zeros = ops.zeros_like(mean)
+            ones = ops.ones_like(mean)
+            sum_dy, sum_dy_xmu, _, _ = self.reduce_grad(_as_float32(dy), centred, zeros, ones, ones,
+                                                        True, False, False)  # (C,), (C,) float32
+            sums = ops.cat((sum_dy, sum_dy_xmu))
+        return sums
 
 
 class _BackwardElemt(nn.Cell):
-    """dy, x, mean, invstd, weight, sums (2C,), count (1,) -> dx."""
+    """dy, x, mean, invstd, weight, sums (2C,), count (1,) -> dx, dtype of x."""
 
     def __init__(self):
         super().__init__()
         self.elemt_grad = native.BatchNormElemtGrad()
 
     def construct(self, dy, x, mean, invstd, weight, sums, count):
-        sum_dy, sum_dy_xmu = ops.split(sums, x.shape[1])
-        return self.elemt_grad(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu,
-                               count.astype(ms.int32))
+        if x.size == 0:  # static shape: nothing to compute
+            dx = ops.zeros_like(x)
+        else:
+            sum_dy, sum_dy_xmu = ops.split(sums, x.shape[1])
+            dx = _like(self.elemt_grad(_elemt_input(dy), _elemt_input(x), mean, invstd, weight,
+                                       sum_dy, sum_dy_xmu, count.astype(ms.int32)), x)
+        return dx
 
 
 class _Normalize(nn.Cell):
-    """x, mean, invstd, weight, bias -> y."""
+    """x, mean, invstd, weight, bias -> y, dtype of x.
+
+    eps: aclnnBatchNormElemt turns invstd back into var = 1/invstd^2 - eps and
+    normalizes by 1/sqrt(var + eps), so eps cancels; 0 skips the cancellation (and
+    the table is shared by layers with different eps). See README.
+    """
 
     def __init__(self):
         super().__init__()
         self.elemt = native.BatchNormElemt()
 
     def construct(self, x, mean, invstd, weight, bias):
-        return self.elemt(x, weight, bias, mean, invstd, 0.0)
+        if x.size == 0:  # static shape: nothing to compute
+            y = ops.zeros_like(x)
+        elif x.dtype == ms.float64:
+            y = self.elemt(x.astype(ms.float32), weight, bias, mean, invstd, 0.0).astype(ms.float64)
+        else:
+            y = self.elemt(x, weight, bias, mean, invstd, 0.0)
+        return y
 
 
 @functools.lru_cache(maxsize=None)
 def ascend_kernels() -> BatchNormKernels:
     """The Ascend table (BatchNormStats, BatchNormElemt, BatchNormReduceGrad, BatchNormElemtGrad).
 
-    finalize_stats, update_stats and guard are composites (ms_syncbn.kernels.composite):
-    per-channel arithmetic, and a graph branch (no native kernel fails on a value).
+    finalize_stats, update_stats and guard are composites (ms_syncbn.kernels.composite).
     """
     return BatchNormKernels(backend="Ascend", local_stats=_LocalStats(), normalize=_Normalize(),
                             backward_reduce=_BackwardReduce(), backward_elemt=_BackwardElemt(),
                             finalize_stats=FinalizeStats(), update_stats=UpdateStats(),
-                            guard=Guard())
+                            guard=Guard(), local_moments=_LocalMoments())

@@ -1,0 +1,223 @@
+"""Emulated Ascend: CPU stand-ins for the four native Ascend batch-norm primitives (tests only).
+
+``use_emulated_ascend(variant)`` makes every SyncBatchNorm built afterwards in this
+process use the Ascend table (ms_syncbn/kernels/ascend.py) with these stand-ins in
+place of ``mindspore.ops.auto_generate``'s primitives. msrun workers select it with
+``--emulate-ascend {a2,910_95}`` (tests/workers/sync_scenarios.py); it is the one switch.
+
+Each stand-in has the real primitive's call signature and output tuple, accepts the
+dtypes MindSpore 2.10's type inference accepts (else TypeError, as inference raises at
+compile time), returns the output dtypes inference gives, and computes what the aclnn
+kernel computes; a dtype that inference passes but the aclnn kernel rejects raises a
+RuntimeError, as the kernel launch would. Sources:
+
+- call signatures: ``mindspore/ops/auto_generate/gen_ops_prim.py`` (MindSpore 2.10);
+- accepted and output dtypes: MindSpore's own inference, run on CPU by
+  tests/test_ascend_binding.py, which fails if these stand-ins disagree with it;
+- arithmetic, aclnn dtype lists and empty inputs: CANN ops-nn (github.com/hicann/ops-nn):
+  ``norm/batch_norm_elemt/op_host/op_api/aclnn_batch_norm_elemt.cpp``,
+  ``norm/sync_batch_norm_backward_reduce/op_api/aclnn_batch_norm_backward_reduce.cpp``,
+  ``norm/sync_batch_norm_backward_elemt/op_api/aclnn_batch_norm_elemt_backward.cpp`` and the
+  ``aclnnBatchNormStats`` documentation.
+
+Empty inputs (variant): on Atlas A2/A3 (910B/910_93, ``"a2"``) aclnnBatchNormReduceBackward
+returns without writing its outputs; the stand-in fills them with NaN, the worst case
+("unwritten" memory). The 910_95 op_api zero-fills them (``"910_95"``). BatchNormStats on
+an empty input is not documented: NaN in both variants (mean of nothing).
+"""
+import mindspore as ms
+from mindspore import nn, ops
+from mindspore.ops import constexpr
+
+VARIANTS = ("a2", "910_95")
+
+STATS_DTYPES = (ms.float16, ms.float32)  # BatchNormStats inference
+ELEMT_DTYPES = (ms.float16, ms.bfloat16, ms.float32)  # BatchNormElemt inference
+GRAD_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)  # ReduceGrad / ElemtGrad inference
+ACLNN_DTYPES = (ms.float16, ms.bfloat16, ms.float32)  # aclnn kernels on A2/A3 (910B and later)
+
+
+def _reduce_axes(x):
+    return (0,) + tuple(range(2, x.ndim))
+
+
+def _per_channel(v, x):
+    return v.reshape((1, x.shape[1]) + (1,) * (x.ndim - 2))
+
+
+@constexpr
+def _check_inferred(primitive, dtype, accepted):
+    """TypeError worded as MindSpore's inference words it, for a dtype it rejects."""
+    if dtype not in accepted:
+        raise TypeError(f"For primitive[{primitive}], the input argument[input] must be a type of "
+                        f"{accepted}, but got {dtype} (emulated inference).")
+
+
+@constexpr
+def _check_same_dtype(primitive, dout_dtype, input_dtype):
+    """RuntimeError, as aclnnBatchNormReduceBackward's check: gradOut and input share a dtype."""
+    if dout_dtype != input_dtype:
+        raise RuntimeError(f"{primitive}: gradOut ({dout_dtype}) and input ({input_dtype}) must have "
+                           f"the same dtype (emulated kernel launch).")
+
+
+@constexpr
+def _check_aclnn(primitive, dtype):
+    """RuntimeError for a dtype that inference passes and the aclnn kernel rejects."""
+    if dtype not in ACLNN_DTYPES:
+        raise RuntimeError(f"{primitive}: aclnn kernel not implemented for {dtype}, should be in "
+                           f"dtype support list {ACLNN_DTYPES} (emulated kernel launch).")
+
+
+def _empty_fill(variant):
+    return float("nan") if variant == "a2" else 0.0
+
+
+class BatchNormStats(nn.Cell):
+    """(input_x, eps) -> (mean (C,) float32, invstd (C,) float32); input_x float16/float32.
+
+    mean = sum(x)/n, invstd = 1/sqrt(sum((x - mean)^2)/n + eps), in float32 (the variance
+    is taken around the mean, as aclnnBatchNormStats documents).
+    """
+
+    def __init__(self, variant="a2"):
+        super().__init__()
+        self.empty_value = _empty_fill(variant)
+
+    def construct(self, input_x, eps):
+        _check_inferred("BatchNormStats", input_x.dtype, STATS_DTYPES)
+        channels = input_x.shape[1]
+        if input_x.size == 0:  # not documented: NaN, the mean of nothing
+            mean = ops.fill(ms.float32, (channels,), float("nan"))
+            invstd = mean
+        else:
+            x = input_x.astype(ms.float32)
+            axes = _reduce_axes(x)
+            mean = x.mean(axis=axes)
+            var = ops.square(x - _per_channel(mean, x)).mean(axis=axes)
+            invstd = ops.rsqrt(var + eps)
+        return mean, invstd
+
+
+class BatchNormElemt(nn.Cell):
+    """(input_x, weight, bias, mean, invstd, eps) -> y, dtype of input_x (float16/bfloat16/float32).
+
+    aclnnBatchNormElemt: var = 1/invstd^2 - eps, then inference batch norm
+    y = (x - mean) / sqrt(var + eps) * weight + bias, in float32.
+    """
+
+    def __init__(self, variant="a2"):
+        super().__init__()
+        self.empty_value = _empty_fill(variant)
+
+    def construct(self, input_x, weight, bias, mean, invstd, eps):
+        _check_inferred("BatchNormElemt", input_x.dtype, ELEMT_DTYPES)
+        x = input_x.astype(ms.float32)
+        invstd32 = invstd.astype(ms.float32)
+        var = 1.0 / (invstd32 * invstd32) - eps
+        scale = weight.astype(ms.float32) * ops.rsqrt(var + eps)
+        y = (x - _per_channel(mean.astype(ms.float32), x)) * _per_channel(scale, x) \
+            + _per_channel(bias.astype(ms.float32), x)
+        return y.astype(input_x.dtype)
+
+
+class BatchNormReduceGrad(nn.Cell):
+    """(dout, input_x, mean, invstd, weight, input_g, weight_g, bias_g)
+    -> (sum_dy, sum_dy_xmu) in input_x's dtype, (grad_weight, grad_bias) in weight's dtype.
+
+    aclnnBatchNormReduceBackward casts dout and input_x to float32, sums dy and dy*x, then
+    sum_dy_xmu = sum(dy*x) - mean*sum(dy) and grad_weight = sum_dy_xmu * invstd in
+    float32, and casts each output to its dtype. Empty input: NaN ("a2") or zeros ("910_95").
+    """
+
+    def __init__(self, variant="a2"):
+        super().__init__()
+        self.empty_value = _empty_fill(variant)
+
+    def construct(self, dout, input_x, mean, invstd, weight, input_g, weight_g, bias_g):
+        _check_inferred("BatchNormReduceGrad", input_x.dtype, GRAD_DTYPES)
+        _check_aclnn("BatchNormReduceGrad", input_x.dtype)
+        _check_same_dtype("BatchNormReduceGrad", dout.dtype, input_x.dtype)
+        channels = input_x.shape[1]
+        if input_x.size == 0:
+            sum_dy = ops.fill(ms.float32, (channels,), self.empty_value)  # unwritten, or zeros
+            sum_dy_xmu = sum_dy
+            grad_weight = sum_dy
+        else:
+            dy = dout.astype(ms.float32)
+            x = input_x.astype(ms.float32)
+            axes = _reduce_axes(x)
+            sum_dy = dy.sum(axis=axes)
+            sum_dy_x = (dy * x).sum(axis=axes)
+            sum_dy_xmu = sum_dy_x - mean.astype(ms.float32) * sum_dy
+            grad_weight = sum_dy_xmu * invstd.astype(ms.float32)
+        return (sum_dy.astype(input_x.dtype), sum_dy_xmu.astype(input_x.dtype),
+                grad_weight.astype(weight.dtype), sum_dy.astype(weight.dtype))
+
+
+class BatchNormElemtGrad(nn.Cell):
+    """(dout, input_x, mean, invstd, weight, sumd_dy, sum_dy_xmu, count) -> dx, dtype of input_x.
+
+    aclnnBatchNormElemtBackward: in float32 (float16 only if every input is float16),
+    n = sum(count), dx = (dy - sum_dy/n - (x - mean) * invstd^2 * sum_dy_xmu/n) * invstd * weight.
+    """
+
+    def __init__(self, variant="a2"):
+        super().__init__()
+        self.empty_value = _empty_fill(variant)
+
+    def construct(self, dout, input_x, mean, invstd, weight, sumd_dy, sum_dy_xmu, count):
+        _check_inferred("BatchNormElemtGrad", input_x.dtype, GRAD_DTYPES)
+        _check_aclnn("BatchNormElemtGrad", input_x.dtype)
+        x = input_x.astype(ms.float32)
+        dy = dout.astype(ms.float32)
+        n = count.astype(ms.float32).sum()
+        invstd32 = invstd.astype(ms.float32)
+        mean_dy = sumd_dy.astype(ms.float32) / n
+        mean_dy_xmu = sum_dy_xmu.astype(ms.float32) / n
+        xmu = x - _per_channel(mean.astype(ms.float32), x)
+        dx = (dy - _per_channel(mean_dy, x) - xmu * _per_channel(invstd32 * invstd32 * mean_dy_xmu, x)) \
+            * _per_channel(invstd32 * weight.astype(ms.float32), x)
+        return dx.astype(input_x.dtype)
+
+
+class EmulatedPrimitives:
+    """Stands in for ``mindspore.ops.auto_generate`` inside ms_syncbn.kernels.ascend."""
+
+    def __init__(self, variant):
+        if variant not in VARIANTS:
+            raise ValueError(f"emulated Ascend variant must be one of {VARIANTS}, but got {variant!r}")
+        self.variant = variant
+
+    def BatchNormStats(self):  # pylint: disable=invalid-name
+        return BatchNormStats(self.variant)
+
+    def BatchNormElemt(self):  # pylint: disable=invalid-name
+        return BatchNormElemt(self.variant)
+
+    def BatchNormReduceGrad(self):  # pylint: disable=invalid-name
+        return BatchNormReduceGrad(self.variant)
+
+    def BatchNormElemtGrad(self):  # pylint: disable=invalid-name
+        return BatchNormElemtGrad(self.variant)
+
+
+def emulated_ascend_kernels(variant):
+    """A fresh Ascend table whose native primitives are the stand-ins of ``variant``."""
+    from ms_syncbn.kernels import ascend
+
+    real = ascend.native
+    ascend.native = EmulatedPrimitives(variant)
+    try:
+        return ascend.ascend_kernels.__wrapped__()
+    finally:
+        ascend.native = real
+
+
+def use_emulated_ascend(variant):
+    """Every SyncBatchNorm built after this call in this process uses the emulated Ascend table."""
+    from ms_syncbn import batchnorm
+
+    table = emulated_ascend_kernels(variant)
+    batchnorm.kernels_for = lambda device_target: table
+    return table
