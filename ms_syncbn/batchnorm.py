@@ -7,9 +7,8 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from ms_syncbn.comm import all_reduce_sum, resolve_group
-from ms_syncbn.kernels import GUARD_CHANNELS_DIFFER, GUARD_SINGLE_VALUE, kernels_for
-from ms_syncbn.sync_function import (STATUS_CHANNELS_DIFFER, FrozenStatsNormalize,
-                                     SyncBatchNormFunction)
+from ms_syncbn.kernels import kernels_for
+from ms_syncbn.sync_function import FrozenStatsNormalize, SyncBatchNormFunction
 
 _FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
 
@@ -240,17 +239,9 @@ class SyncBatchNorm(nn.Cell):
         a CPU graph, and a host read would stall PyNative's dispatch at every layer.
         """
         weight, bias = self._affine_params()
-        y, mean, _, var, count, status = self.group_stats(x, weight, bias, self.stat_shift)
-        if self.group_size == 1:  # nothing to disagree with; one value is caught from the shape
-            self._update_state(mean, var, count, ops.ones((1,), ms.bool_))
-            return y
-        channels_differ = status[STATUS_CHANNELS_DIFFER:STATUS_CHANNELS_DIFFER + 1] > 0.5  # (1,)
-        single_value = ops.logical_and(count == 1.0, ops.logical_not(channels_differ))
-        self._update_state(mean, var, count,
-                           ops.logical_not(ops.logical_or(channels_differ, single_value)))
-        code = (channels_differ.astype(ms.float32) * GUARD_CHANNELS_DIFFER
-                + single_value.astype(ms.float32) * GUARD_SINGLE_VALUE)  # (1,)
-        return ops.depend(y, self.group_stats.guard(status, code))
+        y, mean, _, var, count, ok = self.group_stats(x, weight, bias, self.stat_shift)
+        self._update_state(mean, var, count, ok)
+        return y
 
     def _eval_body(self, x):
         weight, bias = self._affine_params()

@@ -48,6 +48,18 @@ TARGET_SYNCBN_OVER_TORCH_GRAPH = 1.5
 TARGET_KERNEL_COPY_FRACTION = 0.5
 
 
+# mint.nn.SyncBatchNorm's training step (mindspore/mint/nn/layer/_functions.py, MindSpore
+# 2.10, SyncBatchNormInner.construct / bprop): the kernels it launches, in order. Its graph
+# cannot be counted like ours: its bprop does not compile in graph mode on CPU.
+MINT_SYNCBN_GRAPH = {
+    "forward": ["BatchNormStats", "Fill (count)", "Concat", "AllGather", "Reshape", "Split",
+                "BatchNormGatherStatsWithCounts", "BatchNormElemt", "Reshape (counts)"],
+    "backward": ["BatchNormReduceGrad", "Concat", "AllReduce", "Split", "BatchNormElemtGrad"],
+    "source": "mindspore/mint/nn/layer/_functions.py of MindSpore 2.10, SyncBatchNormInner; "
+              "its running-statistics update is inside BatchNormGatherStatsWithCounts",
+}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m ms_syncbn.bench",
@@ -370,6 +382,23 @@ def format_report(results):
         lines.append(f"  {row['ranks']} rank(s) {row['shape']:<15} C={row['channels']:<4} {text}{extra}"
                      + (f"  [all-gather style would be {row['allgather_style_forward_elements']}]"
                         if row["ranks"] > 1 else ""))
+    if results.get("graph_counts"):
+        lines.append("")
+        lines.append("One layer's training step as compiled (graph mode, 2 ranks, from MindSpore's "
+                     "front-end IR; Ascend: native kernels, whose front end runs on CPU):")
+        lines.append(f"  {'':<26}{'fwd kernels':>12}{'bwd kernels':>12}{'collectives':>12}"
+                     f"{'branches':>9}{'graphs':>7}")
+        for table, counts in results["graph_counts"].items():
+            lines.append(f"  {'SyncBatchNorm, ' + table + ' table':<26}{counts['forward_kernels']:>12}"
+                         f"{counts['backward_kernels']:>12}"
+                         f"{str(counts['forward_collectives']) + '+' + str(counts['backward_collectives']):>12}"
+                         f"{counts['control_flow_nodes']:>9}{counts['graphs']:>7}")
+        mint = results["mint_graph"]
+        lines.append(f"  {'mint.nn.SyncBatchNorm':<26}{len(mint['forward']):>12}{len(mint['backward']):>12}"
+                     f"{'1+1':>12}{0:>9}{1:>7}  (read from its source, see below)")
+        lines.append(f"  mint forward:  {', '.join(mint['forward'])}")
+        lines.append(f"  mint backward: {', '.join(mint['backward'])}")
+        lines.append(f"  ({mint['source']})")
     lines.append("")
     lines.append(f"Kernel bandwidth, float32, one thread ({bandwidth['isa']}), vs NumPy copy of the "
                  f"same bytes:")
@@ -408,6 +437,8 @@ def main(argv=None):
         print(f"msrun with {ranks} rank(s) ...", file=sys.stderr)
         job_results[ranks] = run_job(ranks, args, log_root, use_torch)
     runs, payloads = summarize(job_results, args)
+    graph_counts = next((per_rank[0]["graph_counts"] for per_rank in job_results.values()
+                         if "graph_counts" in per_rank[0]), None)
     results = {
         "started": started,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
@@ -420,6 +451,8 @@ def main(argv=None):
         "kernel_bandwidth": bandwidth,
         "runs": runs,
         "payloads": payloads,
+        "graph_counts": graph_counts,
+        "mint_graph": MINT_SYNCBN_GRAPH,
     }
     results["targets"] = check_targets(runs, payloads, bandwidth)
     with open(args.json, "w") as f:

@@ -26,6 +26,18 @@ i.e. (S1/N)^2 > RESHIFT_RATIO * var, finalize_stats says so; every rank takes
 the same decision from the same reduced numbers and repeats the pass once
 around K = mean: a second all-reduce in that step only.
 
+Tables whose statistics kernel centres on the local mean (Ascend's
+BatchNormStats) give ``local_moments`` instead, and the forward takes two
+small all-reduces and no branch:
+
+    first   [ n_i * m_i (C) | n_i (1) | C (1) ]       (C+2,)   -> N, m = sum(n_i m_i) / N
+    second  [ m2_i + n_i * (m_i - m)^2 (C) ]          (C,)     -> var = sum / N
+
+with m_i and m2_i = sum((x - m_i)^2) the rank's own mean and squared deviations.
+Nothing there cancels, whatever the mean's magnitude, so there is no re-centring
+pass, and no data-dependent branch: on Ascend a branch needs its condition on the
+host, a device-to-host round trip per layer and step.
+
 The backward sends [ sum(dy) (C) | sum(dy*(x-mean)) (C) | layer number (1) ]
 (2C+1,); a last slot other than group_size * layer number means the collectives
 of two layers were paired with each other, and stops the step (guard kernel).
@@ -35,7 +47,7 @@ import itertools
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from ms_syncbn.kernels import GUARD_MISPAIRED
+from ms_syncbn.kernels import GUARD_CHANNELS_DIFFER, GUARD_MISPAIRED, GUARD_SINGLE_VALUE
 
 # Re-centre when the shift is further than sqrt(64) = 8 standard deviations
 # from the mean: beyond that float32 loses more than ~6 bits of the variance.
@@ -46,9 +58,6 @@ RESHIFT_MEAN_TOLERANCE = 2.0 ** -20
 
 
 _LAYER_NUMBERS = itertools.count(1)
-
-# Position of the "channels differ" flag in the status output [channels differ, count].
-STATUS_CHANNELS_DIFFER = 0
 
 
 class SyncBatchNormFunction(nn.Cell):
@@ -68,11 +77,14 @@ class SyncBatchNormFunction(nn.Cell):
 
     Outputs:
         Tuple of 6 tensors: y (like x), mean (C,), invstd (C,), biased var (C,), count (1,),
-        statistics over the whole group, and status (2,) float32 = [channels differ (0/1),
-        count], all identical on every rank; only y carries a gradient. When channels
-        differ, the ranks' layers disagree on num_features and nothing else is meaningful:
-        the caller stops the step (guard kernel). The function does not raise itself: a
-        branch on a tensor costs about a millisecond per layer and step in a CPU graph.
+        statistics over the whole group, and ok (1,) bool, all identical on every rank; only
+        y carries a gradient. ok is False when the step must not count: the ranks' layers
+        disagree on num_features (nothing else is meaningful then) or the group's batch holds
+        one value per channel. Such a step is stopped by the table's guard kernel, without a
+        branch on a tensor (a branch costs about a millisecond per layer and step in a CPU
+        graph, and a device-to-host round trip on Ascend): the CPU guard raises a
+        RuntimeError carrying the code; the Ascend guard makes invstd, and so y and the
+        gradients, NaN. The caller must not update any state unless ok.
     """
 
     def __init__(self, kernels, eps, all_reduce=None, group_size=1):
@@ -88,6 +100,10 @@ class SyncBatchNormFunction(nn.Cell):
         self.backward_reduce = kernels.backward_reduce
         self.backward_elemt = kernels.backward_elemt
         self.finalize_stats = kernels.finalize_stats
+        self.local_moments = kernels.local_moments
+        # Tables with local_moments use the two-all-reduce moments protocol; the others the
+        # shifted sums with their rare re-centring pass (see the module docstring).
+        self.two_pass = kernels.local_moments is not None
         self.guard = kernels.guard
         self.finalize_params = Tensor([float(group_size), eps, RESHIFT_RATIO, RESHIFT_MEAN_TOLERANCE],
                                       ms.float32)
@@ -113,17 +129,63 @@ class SyncBatchNormFunction(nn.Cell):
 
     def construct(self, x, weight, bias, shift):
         channels = x.shape[1]
-        stats = self._group_stats(x, shift)
-        # The one branch on a tensor: hidden from autodiff by bprop, and rare to be taken.
-        # Never with mismatched layers (finalize_stats says no): their sums are garbage, and a
-        # second collective could wait forever for the rank whose all-reduce already failed.
-        if stats[3 * channels + 2] > 0.5:
-            stats = self._group_stats(x, stats[:channels])
-        mean, invstd, var = stats[:channels], stats[channels:2 * channels], stats[2 * channels:3 * channels]
-        status = stats[3 * channels:3 * channels + 2]  # [channels differ, count]
-        count = status[1:]
+        if self.two_pass:  # a static choice of the kernel table: no branch in the graph
+            mean, invstd, var, channels_differ, count = self._group_moments_stats(x)
+        else:
+            stats = self._group_stats(x, shift)
+            # The one branch on a tensor: hidden from autodiff by bprop, and rare to be taken.
+            # Never with mismatched layers (finalize_stats says no): their sums are garbage, and a
+            # second collective could wait forever for the rank whose all-reduce already failed.
+            if stats[3 * channels + 2] > 0.5:
+                stats = self._group_stats(x, stats[:channels])
+            mean, invstd, var = (stats[:channels], stats[channels:2 * channels],
+                                 stats[2 * channels:3 * channels])
+            channels_differ = stats[3 * channels:3 * channels + 1]  # (1,) 0 or 1
+            count = stats[3 * channels + 1:3 * channels + 2]  # (1,)
+        if self.synchronized:
+            # Errors only the group's sums reveal. No branch: invstd goes through the table's
+            # guard, which passes it on or stops the step (CPU: raises; Ascend: poisons it).
+            single_value = (count == 1.0).astype(ms.float32) * (1.0 - channels_differ)  # (1,) 0/1
+            code = channels_differ * GUARD_CHANNELS_DIFFER + single_value * GUARD_SINGLE_VALUE
+            invstd = self.guard(invstd, code)
+            ok = code == 0.0
+        else:  # one value per channel is caught from the shape before any kernel runs
+            ok = ops.ones((1,), ms.bool_)
         y = self.normalize(x, mean, invstd, weight, bias)
-        return y, mean, invstd, var, count, status
+        return y, mean, invstd, var, count, ok
+
+    def _group_moments_stats(self, x):
+        """x (N, C, *) -> mean, invstd, var (C,), channels differ (1,) 0/1, count (1,): the
+        group's statistics from the ranks' moments, in two all-reduces and without a branch
+        (tables with ``local_moments``); identical on every rank.
+
+        Rank i has n_i values per channel with mean m_i and m2_i = sum((x - m_i)^2). With
+        N = sum(n_i) and m = sum(n_i m_i) / N, the group's sum of squared deviations is
+
+            sum over ranks of  m2_i + n_i (m_i - m)^2
+
+        Every term is computed around a mean that is already close to the data (m_i locally, m
+        after the first all-reduce), so nothing cancels: the variance is as precise as the
+        ranks' own moments whatever the mean's magnitude, on every step, without the shifted
+        sums' re-centring pass and the graph branch that decides it.
+        """
+        channels = x.shape[1]
+        moments = self.local_moments(x)  # (2C+1,) [m_i | m2_i | n_i]
+        local_mean, local_m2, local_count = (moments[:channels], moments[channels:2 * channels],
+                                             moments[2 * channels:])
+        # (C,), (1,), (1,) -> (C+2,): the last slot sums to group_size * C when every rank's
+        # layer has C channels (as in the shifted-sums payload).
+        first = self._group_sum(ops.cat((local_count * local_mean, local_count,
+                                         ops.fill(ms.float32, (1,), float(channels)))))
+        count = first[channels:channels + 1]
+        channels_differ = (ops.abs(first[channels + 1:] - channels * self.group_size) > 0.5
+                           ).astype(ms.float32)  # (1,)
+        safe_count = ops.maximum(count, 1.0)  # an empty group: every sum is 0, so mean = var = 0
+        mean = first[:channels] / safe_count
+        deviation = local_mean - mean
+        # (C,) -> (C,). An empty rank sends zeros (n_i = 0, m2_i = 0).
+        var = self._group_sum(local_m2 + local_count * deviation * deviation) / safe_count
+        return mean, ops.rsqrt(var + self.eps), var, channels_differ, count
 
     def bprop(self, x, weight, bias, shift, out, dout):
         dy = dout[0]

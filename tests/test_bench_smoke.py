@@ -132,3 +132,21 @@ def test_bench_help_documents_the_flags():
 def test_bench_rejects_bad_arguments(bad):
     code, _, stderr = run_bench(*bad, timeout=60)
     assert code == 2 and bad[0] in stderr
+
+
+def test_quick_bench_counts_each_tables_graph_from_the_ir(quick_run):
+    """One synchronized layer step, compiled: the Ascend table (native kernels, front end on
+    CPU) has no branch on a tensor and one graph; the CPU table keeps its re-centring branch."""
+    results, stdout = quick_run
+    counts = results["graph_counts"]
+    ascend, cpu = counts["Ascend"], counts["CPU"]
+    assert ascend["ran"] is False and cpu["ran"] is True  # no Ascend kernels on this machine
+    assert (ascend["control_flow_nodes"], ascend["graphs"]) == (0, 1), ascend
+    assert (ascend["forward_collectives"], ascend["backward_collectives"]) == (2, 1), ascend
+    for native in ("BatchNormStats", "BatchNormElemt", "BatchNormReduceGrad", "BatchNormElemtGrad"):
+        assert native in ascend["kernel_names"], ascend["kernel_names"]
+    assert cpu["control_flow_nodes"] == 1 and cpu["graphs"] == 3, cpu  # the rare re-centring pass
+    assert (cpu["forward_collectives"], cpu["backward_collectives"]) == (2, 1), cpu
+    assert "Custom" in cpu["kernel_names"] and "BatchNormStats" not in cpu["kernel_names"]
+    assert results["mint_graph"]["forward"][0] == "BatchNormStats"
+    assert "mint.nn.SyncBatchNorm" in stdout and "Ascend table" in stdout

@@ -19,9 +19,10 @@ finalize_stats      sums (3C+2,): [sum(x-K), sum((x-K)^2), n*K, n, C] summed   (
 update_stats        mean, var (C,), count (1,), kept (1,), shift,              (3C+1,) float32:
                     running_mean, running_var (C,), factor (1,)                [shift' | running_mean' |
                                                                                running_var' | updated]
-guard               values (M,) float32, code (1,) float32                     values, or raises
-local_moments       x (optional: None in a table without it)                   (2C+1,) float32:
-                                                                               [mean_i | m2_i | n_i]
+guard               values (M,) float32, code (1,) float32                     values, or the step
+                                                                               stops (see below)
+local_moments       x                                                          (2C+1,) float32:
+(optional)                                                                     [mean_i | m2_i | n_i]
 ==================  =========================================================  ==================
 
 Sums are over the local batch; kernels never communicate. An entry is a
@@ -32,8 +33,17 @@ graph mode.
 ``update_stats`` gives the layer's state after a training step, each in one call
 (``FinalizeStats`` and ``UpdateStats`` in ops/cpu/syncbn_cpu.cc state the arithmetic). ``guard`` lets
 a compiled graph stop without a branch: code 0 passes `values` through; any
-code of :data:`GUARD_CODES` raises a RuntimeError carrying the code (the CPU
-kernel also writes its meaning to stderr).
+code of :data:`GUARD_CODES` stops the step. The CPU kernel raises a RuntimeError
+carrying the code and writes its meaning to stderr; the Ascend composite
+(``kernels.composite.Guard``) returns NaN, which the layer routes into the
+step's outputs and gradients.
+
+``local_moments`` (mean_i and m2_i = sum((x - mean_i)^2) over the local batch,
+n_i its number of values per channel; zeros for an empty batch) is given by
+tables whose native statistics kernel centres on the local mean (Ascend's
+BatchNormStats). With it, ``SyncBatchNormFunction`` combines the ranks' moments
+in two small all-reduces and never branches; without it (CPU), it uses
+``local_stats``' shifted sums in one all-reduce and a rare re-centring pass.
 """
 from typing import Any, NamedTuple
 
@@ -56,9 +66,7 @@ class BatchNormKernels(NamedTuple):
     finalize_stats: Any
     update_stats: Any
     guard: Any
-    # Per-rank moments of the local batch: mean_i (C,), m2_i = sum((x - mean_i)^2) (C,),
-    # n_i (1,); all zeros for an empty batch. None: the table has no such kernel.
-    local_moments: Any = None
+    local_moments: Any = None  # optional: see the module docstring
 
 
 def kernels_for(device_target: str) -> BatchNormKernels:

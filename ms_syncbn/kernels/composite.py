@@ -52,10 +52,17 @@ class UpdateStats(nn.Cell):
 
 
 class Guard(nn.Cell):
-    """values (M,), code (1,) -> values; a code other than 0 raises (a graph branch)."""
+    """values (M,) float32, code (1,) float32 -> values (M,) float32: `values` where code is 0,
+    NaN everywhere otherwise.
+
+    The guard contract without a branch: on Ascend a branch on a tensor needs the value on
+    the host, a device-to-host round trip per layer and step, and no native kernel fails on
+    a value. So a step with an error code is stopped by poisoning what it computes next (the
+    layer routes invstd through here, the backward its group sums): its outputs and
+    gradients are NaN, and the layer leaves its state unchanged. Which error it was is not
+    carried: run the job on CPU, whose Guard kernel names it (README, "Errors").
+    """
 
     def construct(self, values, code):
-        if code[0] != 0.0:
-            raise RuntimeError("ms_syncbn SyncBatchNorm error (code: see "
-                               "ms_syncbn.kernels.GUARD_CODES).")
-        return values
+        passed = (code == 0.0).astype(values.dtype)  # (1,): 1 or 0
+        return values * (passed / passed)  # x * 1, or x * (0 / 0) = NaN; (M,) * (1,) -> (M,)
