@@ -192,7 +192,11 @@ class SyncBatchNormFunction(nn.Cell):
         mean, invstd, count = out[1], out[2], out[4]
         channels = mean.shape[0]
         # dy, x, mean -> (2C,) local [sum(dy) | sum(dy*(x-mean))]
-        local_sums = self.backward_reduce(dy, x, mean)
+        # After invstd, i.e. after the forward's last all-reduce: in a compiled step nothing
+        # else orders the backward all-reduce after the moments protocol's second one, and
+        # ranks that issue them in different orders pair them with each other (an empty rank
+        # did, in the emulated-Ascend tier: tests/test_ascend_emulated.py).
+        local_sums = ops.depend(self.backward_reduce(dy, x, mean), invstd)
         # weight/bias gradients stay local: data parallelism sums them over ranks.
         grad_weight = local_sums[channels:] * invstd
         grad_bias = local_sums[:channels]
