@@ -13,7 +13,8 @@ do what the native kernels do not (README, "How dtypes are routed on Ascend"):
 - empty batches. On Atlas A2/A3 ``aclnnBatchNormReduceBackward`` returns without
   writing its outputs for an empty input; no native kernel is called on an empty
   local batch (a static shape check: no graph branch), the adapter returns the
-  contract's zeros.
+  contract's zeros, made to depend (``ops.depend``) on the tensors the kernel would have
+  read, so that an empty rank's compiled step orders its work as the other ranks' does.
 - no helper with a branch shared by forward and backward: MindSpore 2.10 fails to
   compile (PyNative ``jit`` under ``grad``: "func_graph->get_return() is null", in
   MaybeDropFuncGraphs) when a function with an ``if`` on a constant runs both in a Cell's
@@ -109,7 +110,7 @@ class _LocalStats(nn.Cell):
         channels = x.shape[1]
         count = x.size // channels
         if count == 0:  # static shape: decided at compile time, no graph branch
-            sums = ops.zeros((3 * channels + 1,), ms.float32)
+            sums = ops.depend(ops.zeros((3 * channels + 1,), ms.float32), shift)
         else:
             mean, var = self.mean_var(x)
             n = ops.scalar_to_tensor(float(count), ms.float32)
@@ -160,7 +161,8 @@ class _BackwardReduce(nn.Cell):
     def construct(self, dy, x, mean):
         channels = x.shape[1]
         if x.size == 0:  # static shape: decided at compile time, no graph branch
-            sums = ops.zeros((2 * channels,), ms.float32)
+            # Zeros that still wait for mean and dy, as the kernel would.
+            sums = ops.depend(ops.depend(ops.zeros((2 * channels,), ms.float32), mean), dy)
         else:
             centred = _as_float32(x) - mean.reshape(_per_channel_shape(x))  # (N, C, *) float32
             zeros = ops.zeros_like(mean)
@@ -179,8 +181,8 @@ class _BackwardElemt(nn.Cell):
         self.elemt_grad = native.BatchNormElemtGrad()
 
     def construct(self, dy, x, mean, invstd, weight, sums, count):
-        if x.size == 0:  # static shape: nothing to compute
-            dx = ops.zeros_like(x)
+        if x.size == 0:  # static shape: nothing to compute (but after the group sums)
+            dx = ops.depend(ops.depend(ops.zeros_like(x), sums), invstd)
         else:
             sum_dy, sum_dy_xmu = ops.split(sums, x.shape[1])
             dx = _like(self.elemt_grad(_elemt_input(dy), _elemt_input(x), mean, invstd, weight,
@@ -201,8 +203,8 @@ class _Normalize(nn.Cell):
         self.elemt = native.BatchNormElemt()
 
     def construct(self, x, mean, invstd, weight, bias):
-        if x.size == 0:  # static shape: nothing to compute
-            y = ops.zeros_like(x)
+        if x.size == 0:  # static shape: nothing to compute (but after the group statistics)
+            y = ops.depend(ops.depend(ops.zeros_like(x), mean), invstd)
         elif x.dtype == ms.float64:
             y = self.elemt(x.astype(ms.float32), weight, bias, mean, invstd, 0.0).astype(ms.float64)
         else:

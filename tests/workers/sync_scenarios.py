@@ -2,7 +2,12 @@
 
 Launched by tests/test_sync_multiprocess.py through tests/harness.py::run_msrun:
 
-    sync_scenarios.py --out DIR --mode {pynative,graph} SCENARIO [SCENARIO ...]
+    sync_scenarios.py --out DIR --mode {pynative,graph} [--emulate-ascend {a2,910_95}]
+                      [--device {CPU,Ascend}] SCENARIO [SCENARIO ...]
+
+``--emulate-ascend`` runs every layer on the Ascend kernel table over the CPU stand-ins
+of tests/ascend_emulation.py (tests/test_ascend_emulated.py); ``--device Ascend`` runs
+on real NPUs with the layer's own (Ascend) table (launch/run_ascend_scenarios.sh).
 
 Each scenario builds a layer, trains it for a few steps and evaluates it. All
 members of a group draw the group's full batches from a shared seed and keep
@@ -18,8 +23,10 @@ one runs.
 import argparse
 import json
 import os
+import sys
 import traceback
 import zlib
+from pathlib import Path
 
 import numpy as np
 import mindspore as ms
@@ -47,11 +54,24 @@ SCENARIOS = {
     "rank2": dict(sizes=[[1, 4], [5, 2], [3, 3]], tail=(5,), eval_sizes=[1, 2]),
     "rank3": dict(sizes=[[2, 3]] * 2, tail=(3, 7), eval_sizes=[2, 1]),
     "rank5": dict(sizes=[[2, 3]] * 2, tail=(2, 3, 2, 4), eval_sizes=[1, 2]),
+    "float64": dict(sizes=[[3, 5], [4, 0]], tail=(3, 4, 4), eval_sizes=[2, 2], dtype="float64"),
+    # a step in which every rank's batch is empty: no statistic changes, nothing is NaN
+    "all_empty": dict(sizes=[[3, 5], [0, 0], [2, 4]], tail=(3, 4), eval_sizes=[2, 0]),
     # the group's batch holds one value per channel: every rank must raise
     "one_value": dict(sizes=[[1, 0]], tail=(3,), eval_sizes=[1, 1]),
     # 4 ranks
     "world4_uneven": dict(sizes=[[2, 0, 3, 5], [1, 4, 0, 2], [3, 3, 1, 0]], tail=(3, 4),
                           eval_sizes=[1, 0, 2, 1], layer=dict(momentum=0.3)),
+    "world4_all_empty": dict(sizes=[[2, 0, 3, 1], [0, 0, 0, 0], [1, 2, 0, 3]], tail=(2, 3, 2),
+                             eval_sizes=[1, 0, 2, 1]),
+    "world4_large_mean": dict(sizes=[[3, 0, 2, 4]] * 2, tail=(3, 6, 6), eval_sizes=[2, 1, 0, 1],
+                              mean=1e4, std=2.0, layer=dict(momentum=1.0)),
+    "world4_float16": dict(sizes=[[2, 3, 0, 4]] * 2, tail=(3, 4, 4), eval_sizes=[2, 1, 1, 0],
+                           dtype="float16"),
+    "world4_bfloat16": dict(sizes=[[2, 3, 1, 0]] * 2, tail=(3, 6), eval_sizes=[0, 1, 2, 1],
+                            dtype="bfloat16"),
+    "world4_float64": dict(sizes=[[0, 3, 2, 4]] * 2, tail=(2, 5), eval_sizes=[1, 1, 1, 1],
+                           dtype="float64", layer=dict(affine=False, momentum=None)),
     "subgroups": dict(groups={"0-1": [0, 1], "2-3": [2, 3]}, tail=(3, 2, 3), eval_sizes=[2, 1],
                       sizes={"0-1": [[3, 5], [2, 2], [4, 1]], "2-3": [[1, 6], [0, 3], [5, 5]]},
                       mean={"0-1": 0.0, "2-3": 50.0}, std=2.0, layer=dict(momentum=0.5)),
@@ -159,10 +179,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--mode", choices=["pynative", "graph"], required=True)
+    parser.add_argument("--emulate-ascend", choices=["a2", "910_95"], default=None,
+                        help="the Ascend kernel table over CPU stand-ins (tests only)")
+    parser.add_argument("--device", choices=["CPU", "Ascend"], default="CPU")
     parser.add_argument("scenarios", nargs="+", choices=sorted(SCENARIOS))
     args = parser.parse_args()
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE,
-                   device_target="CPU")
+                   device_target=args.device)
+    if args.emulate_ascend is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: tests/
+        from tests.ascend_emulation import use_emulated_ascend
+        use_emulated_ascend(args.emulate_ascend)
     init()
     rank = get_rank()
     created_groups = set()
@@ -173,6 +200,8 @@ def main():
         else:
             meta, arrays = run_scenario(name, spec, rank, created_groups)
         meta["mode"] = args.mode
+        meta["table"] = ("Ascend (emulated, " + args.emulate_ascend + ")" if args.emulate_ascend
+                         else args.device)
         out_dir = os.path.join(args.out, name)
         os.makedirs(out_dir, exist_ok=True)
         np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **arrays)
