@@ -16,19 +16,18 @@ import numpy as np
 import pytest
 
 from tests.harness import run_msrun
-from tests.test_sync_multiprocess import (LARGE_MEAN_VAR_TOL, JobOutcome, _check_group, _groups,
-                                          _load)
+from tests.test_sync_multiprocess import (LARGE_MEAN_VAR_TOL, STATS_TOL, JobOutcome, _check_group,
+                                          _groups, _load)
 
 JOBS = {
     "emulated_pynative_2ranks": dict(
         world=2, mode="pynative",
         scenarios=["uneven_4d", "empty_rank", "all_empty", "large_mean", "float16", "bfloat16",
-                   "float64", "affine_false_cma", "untracked", "rank2", "rank3", "rank5",
-                   "one_value"]),
+                   "float64", "affine_false_cma", "untracked", "rank2", "rank5", "one_value"]),
     "emulated_graph_4ranks": dict(
         world=4, mode="graph",
-        scenarios=["world4_uneven", "world4_all_empty", "world4_large_mean", "world4_float16",
-                   "world4_bfloat16", "world4_float64", "subgroups"]),
+        scenarios=["world4_uneven", "world4_all_empty", "world4_large_mean", "world4_bfloat16",
+                   "world4_float64", "subgroups"]),
 }
 VARIANT = "a2"  # the worst case; the 910_95 variant is covered by tests/test_ascend_binding.py
 JOB_TIMEOUT = 420  # seconds
@@ -80,7 +79,11 @@ def test_ascend_table_equals_full_batch_reference(jobs, job, scenario):
             assert meta["status"] == "ok", f"rank {meta['rank']}: {meta.get('traceback')}"
             assert meta["table"] == f"Ascend (emulated, {VARIANT})", meta["table"]
         assert [m["rank"] for m, _ in members] == members[0][0]["group_ranks"], "group incomplete"
-        _check_group(scenario, group, members)
+        # Running statistics at mean 1e4: the moments protocol's variance carries the float32
+        # rounding of the ranks' means (m_i - m), within the issue's 1e-4 (the CPU table's
+        # re-centred shifted sums reach 2e-5).
+        stats_tol = LARGE_MEAN_VAR_TOL if scenario.endswith("large_mean") else STATS_TOL
+        _check_group(scenario, group, members, stats_tol=stats_tol)
 
 
 @pytest.mark.parametrize("job, scenario", [("emulated_pynative_2ranks", "large_mean"),

@@ -66,8 +66,6 @@ SCENARIOS = {
                              eval_sizes=[1, 0, 2, 1]),
     "world4_large_mean": dict(sizes=[[3, 0, 2, 4]] * 2, tail=(3, 6, 6), eval_sizes=[2, 1, 0, 1],
                               mean=1e4, std=2.0, layer=dict(momentum=1.0)),
-    "world4_float16": dict(sizes=[[2, 3, 0, 4]] * 2, tail=(3, 4, 4), eval_sizes=[2, 1, 1, 0],
-                           dtype="float16"),
     "world4_bfloat16": dict(sizes=[[2, 3, 1, 0]] * 2, tail=(3, 6), eval_sizes=[0, 1, 2, 1],
                             dtype="bfloat16"),
     "world4_float64": dict(sizes=[[0, 3, 2, 4]] * 2, tail=(2, 5), eval_sizes=[1, 1, 1, 1],
