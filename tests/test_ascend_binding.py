@@ -254,3 +254,17 @@ def test_float16_sums_come_back_float32_through_the_table(pynative_cpu):
     sums = emulation.emulated_ascend_kernels("a2").backward_reduce(dy, x, c)
     assert sums.dtype == ms.float32
     np.testing.assert_allclose(sums.asnumpy()[:C], 122880.0, rtol=1e-6)
+
+
+def test_real_npu_command_refuses_to_run_without_ascend():
+    """launch/run_ascend_scenarios.sh: on a machine without an NPU it says so and exits 2."""
+    import glob
+    import subprocess
+    from pathlib import Path
+
+    if glob.glob("/dev/davinci[0-9]*"):
+        pytest.skip("this machine has an Ascend NPU: run launch/run_ascend_scenarios.sh itself")
+    script = Path(__file__).resolve().parents[1] / "launch" / "run_ascend_scenarios.sh"
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert "no Ascend NPU" in done.stderr and "Nothing was tested" in done.stderr, done.stderr
