@@ -177,8 +177,7 @@ class SyncBatchNorm(nn.Cell):
         kernels = kernels_for(ms.get_context("device_target"))
         self.update_stats = kernels.update_stats
         all_reduce = None if group is None else all_reduce_sum(group)
-        self.group_stats = SyncBatchNormFunction(kernels, eps, all_reduce, self.group_size,
-                                                 num_features)
+        self.group_stats = SyncBatchNormFunction(kernels, eps, all_reduce, self.group_size)
         self.local_batch_stats = SyncBatchNormFunction(kernels, eps, None)  # eval, untracked
         self.frozen_stats = FrozenStatsNormalize(kernels)
         self._described_as = None

@@ -34,7 +34,6 @@ bit for bit. A last slot other than group_size * fingerprint means the backward
 collectives of two layer applications were paired with each other, and stops the
 step (guard kernel).
 """
-import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
@@ -50,10 +49,11 @@ RESHIFT_MEAN_TOLERANCE = 2.0 ** -20
 # Fingerprints are integers in [1, FINGERPRINT_MODULUS]: their sum over a group of W ranks is
 # exact in float32 while W * FINGERPRINT_MODULUS < 2**24 (larger groups use a smaller modulus).
 FINGERPRINT_MODULUS = 8191
-# Bits of the statistics that enter the fingerprint: value * scale, modulo 2**20.
+# Bits of the statistics that enter the fingerprint: value * 2**12, modulo 2**20.
+FINGERPRINT_SCALE = 2.0 ** 12
 FINGERPRINT_WRAP = 2.0 ** 20
-FINGERPRINT_SCALES = (2.0 ** 10, 2.0 ** 16, 1.0)  # mean, invstd, count
-FINGERPRINT_SEED = 1103  # the hash weights: any fixed seed, the same on every rank
+# Hash weight of element i of [mean | invstd | count]: (i * MULTIPLIER + 1) mod modulus.
+FINGERPRINT_MULTIPLIER = 1103
 
 # Position of the "channels differ" flag in the status output [channels differ, count].
 STATUS_CHANNELS_DIFFER = 0
@@ -68,7 +68,6 @@ class SyncBatchNormFunction(nn.Cell):
         all_reduce (Primitive, optional): Summing all-reduce over the group; None for a
             local batch norm with no communication.
         group_size (int): Number of ranks in the group (1 without communication).
-        channels (int): C, the layer's num_features (the fingerprint's hash weights).
 
     Inputs:
         - **x** (Tensor) - (N, C, *), float16, bfloat16, float32 or float64.
@@ -85,19 +84,14 @@ class SyncBatchNormFunction(nn.Cell):
         branch on a tensor costs about a millisecond per layer and step in a CPU graph.
     """
 
-    def __init__(self, kernels, eps, all_reduce=None, group_size=1, channels=1):
+    def __init__(self, kernels, eps, all_reduce=None, group_size=1):
         super().__init__()
         # The backward payload carries a fingerprint of the layer application (see the
         # module docstring) to catch collectives of two layers paired with each other
         # (compiled graphs may issue the backward collectives of parallel branches in any
         # order).
         self.check_pairing = all_reduce is not None
-        modulus = min(FINGERPRINT_MODULUS, (2 ** 24 - 1) // max(group_size, 1))
-        weights = np.random.default_rng(FINGERPRINT_SEED).integers(1, modulus, size=2 * channels + 1)
-        self.fingerprint_modulus = Tensor(modulus, ms.int32)
-        self.fingerprint_weights = Tensor(weights.astype(np.int32))  # (2C+1,)
-        scales = np.repeat(np.array(FINGERPRINT_SCALES, np.float32), [channels, channels, 1])
-        self.fingerprint_scales = Tensor(scales)  # (2C+1,)
+        self.fingerprint_modulus = min(FINGERPRINT_MODULUS, (2 ** 24 - 1) // max(group_size, 1))
         self.guard_text = Tensor(guard_text("(unnamed)"))
         self.local_stats = kernels.local_stats
         self.normalize = kernels.normalize
@@ -173,12 +167,14 @@ class SyncBatchNormFunction(nn.Cell):
         for bit, and every step below is exact or correctly rounded IEEE arithmetic. NaN and
         Inf count as 0; an empty group's statistics (mean 0, var 0) hash like any other.
         """
-        values = ops.cat((mean, invstd, count)) * self.fingerprint_scales  # (2C+1,)
+        values = ops.cat((mean, invstd, count)) * FINGERPRINT_SCALE  # (2C+1,)
         values = ops.select(ops.isfinite(values), values, ops.zeros_like(values))
         wrapped = values - FINGERPRINT_WRAP * ops.floor(values * (1.0 / FINGERPRINT_WRAP))  # [0, 2^20)
         modulus = self.fingerprint_modulus
         bits = ops.floor_mod(wrapped.astype(ms.int32), modulus)  # (2C+1,) int32 in [0, modulus)
-        terms = ops.floor_mod(bits * self.fingerprint_weights, modulus)  # < 2^26 before the mod
+        weights = ops.floor_mod(ops.arange(values.shape[0], dtype=ms.int32) * FINGERPRINT_MULTIPLIER
+                                + 1, modulus)
+        terms = ops.floor_mod(bits * weights, modulus)  # < 2^26 before the mod
         digest = ops.floor_mod(terms.sum(keepdims=True), modulus)  # (1,); exact while C < 2^17
         return (digest + 1).astype(ms.float32)
 

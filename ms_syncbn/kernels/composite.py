@@ -52,10 +52,10 @@ class UpdateStats(nn.Cell):
 
 
 class Guard(nn.Cell):
-    """values (M,), code (1,) -> values; a code other than 0 raises (a graph branch)."""
+    """values (M,), code (1+T,) -> values; a code[0] other than 0 raises (a graph branch)."""
 
     def construct(self, values, code):
         if code[0] != 0.0:
-            raise RuntimeError("ms_syncbn SyncBatchNorm error (code: see "
-                               "ms_syncbn.kernels.GUARD_CODES).")
+            raise RuntimeError("ms_syncbn SyncBatchNorm error: a check stopped the step (the "
+                               "code, code[0], means what ms_syncbn.kernels.GUARD_MEANINGS says).")
         return values
