@@ -29,7 +29,7 @@ from ms_syncbn import SyncBatchNorm
 
 CHANNELS = 3
 SIZES = [3, 1, 4]  # per-rank batch sizes (3 ranks)
-STEPS = 2
+STEPS = 1  # per model; the checkpoint scenario trains one step before and one after
 SUBGROUP = "pair01"  # ranks 0 and 1: a group that rank 2 knows nothing of
 SUBGROUP_RANKS = [0, 1]
 # Affine parameters of the two layers of a Pair (the test states the same values).
@@ -37,8 +37,8 @@ WEIGHT_A = [1.5, -0.5, 2.0]
 BIAS_A = [0.1, 0.2, -0.3]
 WEIGHT_B = [0.7, 1.2, -1.1]
 BIAS_B = [0.0, -0.4, 0.5]
-SCENARIOS = ("plain", "extra_unused", "extra_eval", "extra_subgroup", "build_order",
-             "teacher_student", "weight_sharing", "rebuilt_after_checkpoint", "mispaired")
+SCENARIOS = ("extra_unused_and_eval", "extra_subgroup", "build_order", "teacher_student",
+             "weight_sharing", "rebuilt_after_checkpoint", "mispaired")
 
 
 class Pair(nn.Cell):
@@ -141,16 +141,12 @@ def save_state(record, tag, pair):
 def run(scenario, rank, out_dir, record):
     """One scenario; fills `record` and returns extra metadata."""
     seed = 1000 + SCENARIOS.index(scenario) * 10
-    if scenario == "plain":
-        pair = Pair()
-    elif scenario == "extra_unused":
-        if rank == 0:
-            SyncBatchNorm(CHANNELS)  # an evaluation copy that only rank 0 builds, never called
-        pair = Pair()
-    elif scenario == "extra_eval":
+    if scenario == "extra_unused_and_eval":
+        # Copies that only rank 0 builds: one never called, one evaluated (running
+        # statistics, no communication) before the model is built and after it trained.
         copies = [SyncBatchNorm(CHANNELS) for _ in range(2)] if rank == 0 else []
         pair = Pair()
-        for layer in copies:  # evaluated on rank 0 only: running statistics, no communication
+        for layer in copies[1:]:
             layer.set_train(False)
             layer(Tensor(batch(rank, seed)[0])).asnumpy()
     elif scenario == "extra_subgroup":
