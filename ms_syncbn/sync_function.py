@@ -169,7 +169,7 @@ class SyncBatchNormFunction(nn.Cell):
         """
         values = ops.cat((mean, invstd, count)) * FINGERPRINT_SCALE  # (2C+1,)
         values = ops.select(ops.isfinite(values), values, ops.zeros_like(values))
-        wrapped = values - FINGERPRINT_WRAP * ops.floor(values * (1.0 / FINGERPRINT_WRAP))  # [0, 2^20)
+        wrapped = values - FINGERPRINT_WRAP * ops.floor(values * (1.0 / FINGERPRINT_WRAP))  # [0, 2^20]
         modulus = self.fingerprint_modulus
         bits = ops.floor_mod(wrapped.astype(ms.int32), modulus)  # (2C+1,) int32 in [0, modulus)
         weights = ops.floor_mod(ops.arange(values.shape[0], dtype=ms.int32) * FINGERPRINT_MULTIPLIER
