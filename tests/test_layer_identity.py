@@ -50,12 +50,6 @@ def load(job, mode, scenario):
     return ranks
 
 
-def torch_bn(x, layer):
-    weight, bias = (torch.tensor(v, dtype=torch.float64) for v in AFFINE[layer])
-    return torch.nn.functional.batch_norm(x, None, None, weight.requires_grad_(),
-                                          bias.requires_grad_(), training=True, eps=EPS)
-
-
 def reference_step(x, dy, models, shared):
     """float64 loss sum(out * dy) per row, dx, and d loss / d parameter for the full batch.
 
@@ -179,7 +173,8 @@ def test_swapped_backward_collectives_stop_every_rank_and_say_why(job, mode):
         assert meta["error_type"] == "RuntimeError", meta["traceback"]
         message = meta["message"]
         layer = "'bn_b'" if meta["rank"] == 0 else "'bn_a'"
-        assert f"error {int(GUARD_MISPAIRED)} in layer {layer} SyncBatchNorm(num_features=3)" in message, message
+        expected = f"error {int(GUARD_MISPAIRED)} in layer {layer} SyncBatchNorm(num_features=3)"
+        assert expected in message, message
         assert GUARD_MEANINGS[GUARD_MISPAIRED] in message, message
         assert "backward layer-identity check" in message and "Causes that fit" in message
 
