@@ -102,12 +102,13 @@ class SyncBatchNorm(nn.Cell):
             per channel.
         TypeError: At call time, if `x` is not a floating-point tensor.
         RuntimeError: In training, on every rank of the group, if the ranks disagree on
-            `num_features` or the group's batch holds a single value per channel: the
-            step stops in the guard kernel, and the error names it and a code (2:
-            `num_features` differs, 3: one value per channel), whose meaning the kernel
-            also writes to stderr. Code 4: the backward collectives of two layers were
-            paired with each other across ranks (a compiled graph ran parallel branches
-            in different orders).
+            `num_features` (code 2) or the group's batch holds a single value per channel
+            (code 3), or, in the backward, if this layer's all-reduce was paired with
+            another layer application's on some rank (code 4: e.g. the ranks ran parallel
+            branches' backward passes in different orders). The step stops in the guard
+            kernel; the message (also written to stderr) names the check, the layer (its
+            path in the model) and the causes that fit
+            (:data:`ms_syncbn.kernels.GUARD_MEANINGS`).
 
     Supported Platforms:
         ``Ascend`` ``CPU``
@@ -178,6 +179,36 @@ class SyncBatchNorm(nn.Cell):
         self.group_stats = SyncBatchNormFunction(kernels, eps, all_reduce, self.group_size)
         self.local_batch_stats = SyncBatchNormFunction(kernels, eps, None)  # eval, untracked
         self.frozen_stats = FrozenStatsNormalize(kernels)
+        self._described_as = None
+        self._describe()
+
+    # Errors of the guard kernel name the layer by its path in the model, the prefix of its
+    # parameters' names. Those names change when the layer (or a parent) is attached or
+    # converted, so the description is refreshed at attachment, at set_train (which every
+    # training script calls on the whole model) and at every PyNative call; a compiled
+    # graph keeps the description it was compiled with.
+    def _describe(self):
+        name = self.stat_shift.name
+        if name == self._described_as:
+            return
+        self._described_as = name
+        path = name[:-len(".stat_shift")] if name.endswith(".stat_shift") else ""
+        where = (f"{path!r} " if path else "(not attached to a model: no path) ") + (
+            f"SyncBatchNorm(num_features={self.num_features}) on process group {self.group_label} "
+            f"of {self.group_size} ranks")
+        self.group_stats.describe(where)
+
+    def update_parameters_name(self, prefix='', recurse=True):
+        super().update_parameters_name(prefix, recurse)
+        self._describe()
+
+    def add_flags_recursive(self, **flags):
+        self._describe()
+        return super().add_flags_recursive(**flags)
+
+    def __call__(self, *args, **kwargs):  # Python calls only: a compiled graph parses construct
+        self._describe()
+        return super().__call__(*args, **kwargs)
 
     def extend_repr(self):
         return (f"num_features={self.num_features}, eps={self.eps}, momentum={self.momentum}, "
