@@ -130,6 +130,10 @@ class SyncBatchNorm(nn.Cell):
         (3, 2, 4, 4)
     """
 
+    # Read through self in the construct path: amp's O1 regenerates the layer's code in
+    # another module, where this module's own globals are not defined.
+    input_dtypes = _FLOAT_DTYPES
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
                  process_group: Optional[str] = None, dtype=None):
@@ -185,6 +189,20 @@ class SyncBatchNorm(nn.Cell):
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
                 f"process_group={self.process_group}, group_size={self.group_size}")
 
+    def add_flags_recursive(self, **flags):
+        """Flags for this layer and its sub-cells; mixed precision is always float32 here.
+
+        ``Cell.to_float`` and ``mindspore.amp`` (O2, O3, ``custom_mixed_precision``) cast a
+        network by setting a precision flag on every cell through this method. This layer
+        takes the flag as ``float32``, as amp does for ``nn.BatchNorm*d`` (its black list):
+        its input is then computed in float32, its statistics, parameters and running
+        statistics stay float32, and the following low-precision cells cast its output
+        back. Other flags pass unchanged.
+        """
+        if any(flags.get(name, False) for name in ("fp16", "bf16", "fp32")):
+            flags = dict(flags, fp16=False, bf16=False, fp32=True)
+        return super().add_flags_recursive(**flags)
+
     def _check_input(self, x):
         if x.ndim < 2:
             raise ValueError(f"SyncBatchNorm: expected an input of shape (N, C, *) with at least "
@@ -192,7 +210,7 @@ class SyncBatchNorm(nn.Cell):
         if x.shape[1] != self.num_features:
             raise ValueError(f"SyncBatchNorm: expected {self.num_features} channels in dimension 1 "
                              f"of the input (num_features), but got shape {x.shape}.")
-        if x.dtype not in _FLOAT_DTYPES:
+        if x.dtype not in self.input_dtypes:
             raise TypeError(f"SyncBatchNorm: expected a floating-point input (float16, bfloat16, "
                             f"float32 or float64), but got {x.dtype}.")
 
