@@ -4,10 +4,11 @@ from typing import Optional
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, Tensor, ops
 
 from ms_syncbn.comm import all_reduce_sum, resolve_group
 from ms_syncbn.kernels import GUARD_CHANNELS_DIFFER, GUARD_SINGLE_VALUE, kernels_for
+from ms_syncbn.precision import Float32Cell
 from ms_syncbn.sync_function import (STATUS_CHANNELS_DIFFER, FrozenStatsNormalize,
                                      SyncBatchNormFunction)
 
@@ -40,7 +41,7 @@ def _check_constructor_args(num_features, eps, momentum, affine, track_running_s
                         f"float64, but got {dtype!r}.")
 
 
-class SyncBatchNorm(nn.Cell):
+class SyncBatchNorm(Float32Cell):
     r"""
     Batch normalization synchronized across the devices of a process group.
 
@@ -188,20 +189,6 @@ class SyncBatchNorm(nn.Cell):
         return (f"num_features={self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
                 f"process_group={self.process_group}, group_size={self.group_size}")
-
-    def add_flags_recursive(self, **flags):
-        """Flags for this layer and its sub-cells; mixed precision is always float32 here.
-
-        ``Cell.to_float`` and ``mindspore.amp`` (O2, O3, ``custom_mixed_precision``) cast a
-        network by setting a precision flag on every cell through this method. This layer
-        takes the flag as ``float32``, as amp does for ``nn.BatchNorm*d`` (its black list):
-        its input is then computed in float32, its statistics, parameters and running
-        statistics stay float32, and the following low-precision cells cast its output
-        back. Other flags pass unchanged.
-        """
-        if any(flags.get(name, False) for name in ("fp16", "bf16", "fp32")):
-            flags = dict(flags, fp16=False, bf16=False, fp32=True)
-        return super().add_flags_recursive(**flags)
 
     def _check_input(self, x):
         if x.ndim < 2:

@@ -33,9 +33,10 @@ of two layers were paired with each other, and stops the step (guard kernel).
 import itertools
 
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, ops
 
 from ms_syncbn.kernels import GUARD_MISPAIRED
+from ms_syncbn.precision import Float32Cell
 
 # Re-centre when the shift is further than sqrt(64) = 8 standard deviations
 # from the mean: beyond that float32 loses more than ~6 bits of the variance.
@@ -51,7 +52,7 @@ _LAYER_NUMBERS = itertools.count(1)
 STATUS_CHANNELS_DIFFER = 0
 
 
-class SyncBatchNormFunction(nn.Cell):
+class SyncBatchNormFunction(Float32Cell):
     """Batch statistics over a process group, normalization, and the matching backward.
 
     Args:
@@ -151,7 +152,7 @@ class SyncBatchNormFunction(nn.Cell):
         return self.guard(reduced[:-1], code)
 
 
-class FrozenStatsNormalize(nn.Cell):
+class FrozenStatsNormalize(Float32Cell):
     """Normalization with given statistics (eval mode with running stats); no communication.
 
     Inputs: x (N, C, *), mean (C,), invstd (C,), weight (C,), bias (C,), all float32 but x.
