@@ -184,6 +184,9 @@ class SyncBatchNorm(Float32Cell):
         self.group_stats = SyncBatchNormFunction(kernels, eps, all_reduce, self.group_size)
         self.local_batch_stats = SyncBatchNormFunction(kernels, eps, None)  # eval, untracked
         self.frozen_stats = FrozenStatsNormalize(kernels)
+        # Set by mindspore.amp / Cell.to_float (add_flags_recursive): the low-precision dtype
+        # amp asked for, which the output takes; None keeps the input's dtype.
+        self.amp_output_dtype = None
 
     def extend_repr(self):
         return (f"num_features={self.num_features}, eps={self.eps}, momentum={self.momentum}, "
@@ -212,14 +215,30 @@ class SyncBatchNorm(Float32Cell):
         self._check_input(x)  # plain Python in PyNative: nothing malformed reaches a kernel
         if not self.training:
             if x.dtype == ms.bfloat16:
-                return self._eval_body(x)
-            return self._forward_eval(x)
+                return self._amp_output(self._eval_body(x))
+            return self._amp_output(self._forward_eval(x))
         if self.group_size == 1 and x.size == self.num_features:
             raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
                              f"training, but got input of shape {x.shape}.")
         if x.dtype == ms.bfloat16:
-            return self._train_body(x)
-        return self._forward_train(x)
+            return self._amp_output(self._train_body(x))
+        return self._amp_output(self._forward_train(x))
+
+    def add_flags_recursive(self, **flags):
+        """Under mixed precision the layer computes in float32 (see ``Float32Cell``) and, as
+        amp does for ``nn.BatchNorm*d``, returns the low-precision dtype it was asked for."""
+        if flags.get("fp16", False):
+            self.amp_output_dtype = ms.float16
+        elif flags.get("bf16", False):
+            self.amp_output_dtype = ms.bfloat16
+        elif flags.get("fp32", False):
+            self.amp_output_dtype = None
+        return super().add_flags_recursive(**flags)
+
+    def _amp_output(self, y):
+        if self.amp_output_dtype is None:  # no amp: nothing added to the step
+            return y
+        return y.astype(self.amp_output_dtype)
 
     # Run by Python (PyNative), both paths are compiled all the same: the per-channel
     # arithmetic around the kernels is a few dozen tiny ops, which cost ~1 ms each when

@@ -19,7 +19,11 @@ import json
 
 import numpy as np
 import pytest
+import mindspore as ms
+from mindspore import nn
 
+from ms_syncbn import SyncBatchNorm
+from tests import reference
 from tests.harness import run_msrun
 from tests.workers import amp_training as job
 
@@ -139,3 +143,30 @@ def test_float16_overflow_under_a_fixed_loss_scale(outcomes, mode):
             else:
                 np.testing.assert_array_equal(np.isfinite(ours[name]), np.isfinite(theirs[name]),
                                               err_msg=name)
+
+
+@pytest.mark.usefixtures("pynative_cpu")
+@pytest.mark.parametrize("low", [ms.float16, ms.bfloat16])
+def test_to_float_keeps_the_layer_in_float32_and_returns_the_low_dtype(low):
+    """What amp does to nn.BatchNorm2d (black list): computed in float32, output in the low
+    dtype; parameters and running statistics stay float32 and are updated."""
+    net = nn.SequentialCell([SyncBatchNorm(3)])
+    net.to_float(low)
+    bn = net[0]
+    assert bn.amp_output_dtype == low
+    for cell in (bn, bn.group_stats, bn.local_batch_stats, bn.frozen_stats):
+        assert cell.get_flags().get("fp32") is True and not cell.get_flags().get("fp16"), cell
+    x = np.random.default_rng(5).normal(2.0, 3.0, size=(4, 3, 2, 2)).astype(np.float32)
+    net.set_train(True)
+    y = net(ms.Tensor(x).astype(low))
+    assert y.dtype == low
+    assert bn.weight.dtype == ms.float32 and bn.running_var.dtype == ms.float32
+    x_low = ms.Tensor(x).astype(low).astype(ms.float32).asnumpy()  # what the layer saw
+    expected = reference.forward(x_low, np.ones(3), np.zeros(3), 1e-5)
+    tol = 1e-2 if low == ms.float16 else 5e-2
+    np.testing.assert_allclose(y.astype(ms.float32).asnumpy(), expected, rtol=tol, atol=tol)
+    mean, var = reference.running_update(np.zeros(3), np.ones(3), x_low, 0.1, 1)
+    np.testing.assert_allclose(bn.running_mean.asnumpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.running_var.asnumpy(), var, rtol=1e-5, atol=1e-6)
+    net.to_float(ms.float32)
+    assert bn.amp_output_dtype is None
