@@ -90,7 +90,7 @@ class SyncBatchNorm(Float32Cell):
 
     Outputs:
         Tensor of the same shape and dtype as `x`. Under mixed precision (``mindspore.amp``
-        O1-O3, ``Cell.to_float``) the layer computes in float32, as amp keeps
+        O2 and O3, ``Cell.to_float``) the layer computes in float32, as amp keeps
         ``nn.BatchNorm*d``, and the output takes the float16 or bfloat16 dtype amp asked for;
         parameters and running statistics keep their dtype.
 
