@@ -2,16 +2,16 @@
 
 One msrun job per mode (2 ranks, PyNative and graph) runs every recipe of
 tests/workers/amp_training.py: ``build_train_network`` at O0-O3 with a fixed loss scale,
-``auto_mixed_precision`` + ``nn.TrainOneStepCell``, ``Model.train`` over a sharded
-dataset (amp_level O0 and O2), gradient accumulation over micro-batches, and a float16
-overflow under loss scaling; ``DATA_PARALLEL`` with ``gradients_mean`` False and True.
+``auto_mixed_precision`` or ``custom_mixed_precision`` + ``nn.TrainOneStepCell``,
+``Model.train`` over a sharded dataset (amp_level O0 and O2), gradient accumulation over
+micro-batches, and a float16 overflow under loss scaling; ``DATA_PARALLEL`` with ``gradients_mean`` False and True.
 For each recipe:
 
 - the two ranks' parameters and running statistics are bit-for-bit identical after
   every step;
 - they equal, within the tolerance stated per amp level below, those of ONE process
   training the unconverted network (``nn.BatchNorm2d``) at the same amp level on the
-  concatenated global batches (rank 0 runs it inside the same job, with no parallel
+  concatenated global batches (the ranks run these inside the same job, with no parallel
   context);
 - training changed the parameters, and amp changed the numbers (O2 differs from O0).
 """
