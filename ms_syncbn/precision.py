@@ -13,8 +13,9 @@ class Float32Cell(nn.Cell):
     parameters and its operators' inputs to that dtype. A batch norm keeps float32, as amp
     keeps ``nn.BatchNorm*d`` (its black list): here any such flag becomes float32, so the
     per-channel tensors, statistics and kernels stay float32 (a float16 input is computed
-    in float32; the following low-precision cells cast the output back). Flags other than
-    precision pass unchanged. Without amp nothing is set and nothing is cast.
+    in float32; SyncBatchNorm returns amp's dtype, as amp's wrapper of ``nn.BatchNorm*d``
+    does). Flags other than precision pass unchanged. Without amp nothing is set and
+    nothing is cast.
     """
 
     def add_flags_recursive(self, **flags):
