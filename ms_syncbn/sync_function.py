@@ -47,9 +47,10 @@ collectives of two layer applications were paired with each other, and stops the
 step (guard kernel).
 """
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, ops
 
 from ms_syncbn.kernels import GUARD_CHANNELS_DIFFER, GUARD_MISPAIRED, GUARD_SINGLE_VALUE, guard_text
+from ms_syncbn.precision import Float32Cell
 
 # Re-centre when the shift is further than sqrt(64) = 8 standard deviations
 # from the mean: beyond that float32 loses more than ~6 bits of the variance.
@@ -68,7 +69,7 @@ FINGERPRINT_WRAP = 2.0 ** 20
 FINGERPRINT_MULTIPLIER = 1103
 
 
-class SyncBatchNormFunction(nn.Cell):
+class SyncBatchNormFunction(Float32Cell):
     """Batch statistics over a process group, normalization, and the matching backward.
 
     Args:
@@ -250,7 +251,7 @@ class SyncBatchNormFunction(nn.Cell):
         return self.stop_if(reduced[:-1], code)
 
 
-class FrozenStatsNormalize(nn.Cell):
+class FrozenStatsNormalize(Float32Cell):
     """Normalization with given statistics (eval mode with running stats); no communication.
 
     Inputs: x (N, C, *), mean (C,), invstd (C,), weight (C,), bias (C,), all float32 but x.
