@@ -4,10 +4,11 @@ from typing import Optional
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, Tensor, ops
 
 from ms_syncbn.comm import all_reduce_sum, resolve_group
 from ms_syncbn.kernels import kernels_for
+from ms_syncbn.precision import Float32Cell
 from ms_syncbn.sync_function import FrozenStatsNormalize, SyncBatchNormFunction
 
 _FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
@@ -39,7 +40,7 @@ def _check_constructor_args(num_features, eps, momentum, affine, track_running_s
                         f"float64, but got {dtype!r}.")
 
 
-class SyncBatchNorm(nn.Cell):
+class SyncBatchNorm(Float32Cell):
     r"""
     Batch normalization synchronized across the devices of a process group.
 
@@ -87,7 +88,10 @@ class SyncBatchNorm(nn.Cell):
           better whatever the dtype.
 
     Outputs:
-        Tensor of the same shape and dtype as `x`.
+        Tensor of the same shape and dtype as `x`. Under mixed precision (``mindspore.amp``
+        O2 and O3, ``Cell.to_float``) the layer computes in float32, as amp keeps
+        ``nn.BatchNorm*d``, and the output takes the float16 or bfloat16 dtype amp asked for;
+        parameters and running statistics keep their dtype.
 
     Raises:
         TypeError: If `num_features` is not an int (a bool is not accepted).
@@ -102,12 +106,13 @@ class SyncBatchNorm(nn.Cell):
             per channel.
         TypeError: At call time, if `x` is not a floating-point tensor.
         RuntimeError: In training, on every rank of the group, if the ranks disagree on
-            `num_features` or the group's batch holds a single value per channel: the
-            step stops in the guard kernel, and the error names it and a code (2:
-            `num_features` differs, 3: one value per channel), whose meaning the kernel
-            also writes to stderr. Code 4: the backward collectives of two layers were
-            paired with each other across ranks (a compiled graph ran parallel branches
-            in different orders).
+            `num_features` (code 2) or the group's batch holds a single value per channel
+            (code 3), or, in the backward, if this layer's all-reduce was paired with
+            another layer application's on some rank (code 4: e.g. the ranks ran parallel
+            branches' backward passes in different orders). The step stops in the guard
+            kernel; the message (also written to stderr) names the check, the layer (its
+            path in the model) and the causes that fit
+            (:data:`ms_syncbn.kernels.GUARD_MEANINGS`).
 
     Supported Platforms:
         ``Ascend`` ``CPU``
@@ -128,6 +133,10 @@ class SyncBatchNorm(nn.Cell):
         >>> print(y.shape)
         (3, 2, 4, 4)
     """
+
+    # Read through self in the construct path: amp's O1 regenerates the layer's code in
+    # another module, where this module's own globals are not defined.
+    input_dtypes = _FLOAT_DTYPES
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
@@ -178,6 +187,35 @@ class SyncBatchNorm(nn.Cell):
         self.group_stats = SyncBatchNormFunction(kernels, eps, all_reduce, self.group_size)
         self.local_batch_stats = SyncBatchNormFunction(kernels, eps, None)  # eval, untracked
         self.frozen_stats = FrozenStatsNormalize(kernels)
+        self._described_as = None
+        self._describe()
+        # Set by mindspore.amp / Cell.to_float (add_flags_recursive): the low-precision dtype
+        # amp asked for, which the output takes; None keeps the input's dtype.
+        self.amp_output_dtype = None
+
+    # Errors of the guard kernel name the layer by its path in the model, the prefix of its
+    # parameters' names. Those names change when the layer (or a parent) is attached or
+    # converted, so the description is refreshed at attachment, at set_train (which every
+    # training script calls on the whole model) and at every PyNative call; a compiled
+    # graph keeps the description it was compiled with.
+    def _describe(self):
+        name = self.stat_shift.name
+        if name == self._described_as:
+            return
+        self._described_as = name
+        path = name[:-len(".stat_shift")] if name.endswith(".stat_shift") else ""
+        where = (f"{path!r} " if path else "(not attached to a model: no path) ") + (
+            f"SyncBatchNorm(num_features={self.num_features}) on process group {self.group_label} "
+            f"of {self.group_size} ranks")
+        self.group_stats.describe(where)
+
+    def update_parameters_name(self, prefix='', recurse=True):
+        super().update_parameters_name(prefix, recurse)
+        self._describe()
+
+    def __call__(self, *args, **kwargs):  # Python calls only: a compiled graph parses construct
+        self._describe()
+        return super().__call__(*args, **kwargs)
 
     def extend_repr(self):
         return (f"num_features={self.num_features}, eps={self.eps}, momentum={self.momentum}, "
@@ -191,7 +229,7 @@ class SyncBatchNorm(nn.Cell):
         if x.shape[1] != self.num_features:
             raise ValueError(f"SyncBatchNorm: expected {self.num_features} channels in dimension 1 "
                              f"of the input (num_features), but got shape {x.shape}.")
-        if x.dtype not in _FLOAT_DTYPES:
+        if x.dtype not in self.input_dtypes:
             raise TypeError(f"SyncBatchNorm: expected a floating-point input (float16, bfloat16, "
                             f"float32 or float64), but got {x.dtype}.")
 
@@ -206,14 +244,32 @@ class SyncBatchNorm(nn.Cell):
         self._check_input(x)  # plain Python in PyNative: nothing malformed reaches a kernel
         if not self.training:
             if x.dtype == ms.bfloat16:
-                return self._eval_body(x)
-            return self._forward_eval(x)
+                return self._amp_output(self._eval_body(x))
+            return self._amp_output(self._forward_eval(x))
         if self.group_size == 1 and x.size == self.num_features:
             raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
                              f"training, but got input of shape {x.shape}.")
         if x.dtype == ms.bfloat16:
-            return self._train_body(x)
-        return self._forward_train(x)
+            return self._amp_output(self._train_body(x))
+        return self._amp_output(self._forward_train(x))
+
+    def add_flags_recursive(self, **flags):
+        """Under mixed precision the layer computes in float32 (see ``Float32Cell``) and, as
+        amp does for ``nn.BatchNorm*d``, returns the low-precision dtype it was asked for.
+        (set_train also lands here: the error description is refreshed, see _describe.)"""
+        self._describe()
+        if flags.get("fp16", False):
+            self.amp_output_dtype = ms.float16
+        elif flags.get("bf16", False):
+            self.amp_output_dtype = ms.bfloat16
+        elif flags.get("fp32", False):
+            self.amp_output_dtype = None
+        return super().add_flags_recursive(**flags)
+
+    def _amp_output(self, y):
+        if self.amp_output_dtype is None:  # no amp: nothing added to the step
+            return y
+        return y.astype(self.amp_output_dtype)
 
     # Run by Python (PyNative), both paths are compiled all the same: the per-channel
     # arithmetic around the kernels is a few dozen tiny ops, which cost ~1 ms each when

@@ -38,16 +38,19 @@ Nothing there cancels, whatever the mean's magnitude, so there is no re-centring
 pass, and no data-dependent branch: on Ascend a branch needs its condition on the
 host, a device-to-host round trip per layer and step.
 
-The backward sends [ sum(dy) (C) | sum(dy*(x-mean)) (C) | layer number (1) ]
-(2C+1,); a last slot other than group_size * layer number means the collectives
-of two layers were paired with each other, and stops the step (guard kernel).
+The backward sends [ sum(dy) (C) | sum(dy*(x-mean)) (C) | fingerprint (1) ]
+(2C+1,). The fingerprint identifies this application of this layer in this step
+the same way on every rank, with no numbering: a small integer hashed from the
+step's group statistics (mean, invstd, count), which every rank of the group holds
+bit for bit. A last slot other than group_size * fingerprint means the backward
+collectives of two layer applications were paired with each other, and stops the
+step (guard kernel).
 """
-import itertools
-
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, ops
 
-from ms_syncbn.kernels import GUARD_CHANNELS_DIFFER, GUARD_MISPAIRED, GUARD_SINGLE_VALUE
+from ms_syncbn.kernels import GUARD_CHANNELS_DIFFER, GUARD_MISPAIRED, GUARD_SINGLE_VALUE, guard_text
+from ms_syncbn.precision import Float32Cell
 
 # Re-centre when the shift is further than sqrt(64) = 8 standard deviations
 # from the mean: beyond that float32 loses more than ~6 bits of the variance.
@@ -56,11 +59,17 @@ RESHIFT_RATIO = 64.0
 # than this fraction of the mean: float32 rounding of the mean stays below it.
 RESHIFT_MEAN_TOLERANCE = 2.0 ** -20
 
+# Fingerprints are integers in [1, FINGERPRINT_MODULUS]: their sum over a group of W ranks is
+# exact in float32 while W * FINGERPRINT_MODULUS < 2**24 (larger groups use a smaller modulus).
+FINGERPRINT_MODULUS = 8191
+# Bits of the statistics that enter the fingerprint: value * 2**12, modulo 2**20.
+FINGERPRINT_SCALE = 2.0 ** 12
+FINGERPRINT_WRAP = 2.0 ** 20
+# Hash weight of element i of [mean | invstd | count]: (i * MULTIPLIER + 1) mod modulus.
+FINGERPRINT_MULTIPLIER = 1103
 
-_LAYER_NUMBERS = itertools.count(1)
 
-
-class SyncBatchNormFunction(nn.Cell):
+class SyncBatchNormFunction(Float32Cell):
     """Batch statistics over a process group, normalization, and the matching backward.
 
     Args:
@@ -68,6 +77,7 @@ class SyncBatchNormFunction(nn.Cell):
         eps (float): Added to the variance before the square root.
         all_reduce (Primitive, optional): Summing all-reduce over the group; None for a
             local batch norm with no communication.
+        group_size (int): Number of ranks in the group (1 without communication).
 
     Inputs:
         - **x** (Tensor) - (N, C, *), float16, bfloat16, float32 or float64.
@@ -89,12 +99,13 @@ class SyncBatchNormFunction(nn.Cell):
 
     def __init__(self, kernels, eps, all_reduce=None, group_size=1):
         super().__init__()
-        # Layers are numbered in construction order, the same on every rank of a
-        # data-parallel job; the number travels with the backward sums to catch
-        # collectives of two layers paired with each other (compiled graphs may
-        # issue the backward collectives of parallel branches in any order).
-        self.pairing_tag = float(next(_LAYER_NUMBERS))
+        # The backward payload carries a fingerprint of the layer application (see the
+        # module docstring) to catch collectives of two layers paired with each other
+        # (compiled graphs may issue the backward collectives of parallel branches in any
+        # order).
         self.check_pairing = all_reduce is not None
+        self.fingerprint_modulus = min(FINGERPRINT_MODULUS, (2 ** 24 - 1) // max(group_size, 1))
+        self.guard_text = Tensor(guard_text("(unnamed)"))
         self.local_stats = kernels.local_stats
         self.normalize = kernels.normalize
         self.backward_reduce = kernels.backward_reduce
@@ -147,7 +158,7 @@ class SyncBatchNormFunction(nn.Cell):
             # guard, which passes it on or stops the step (CPU: raises; Ascend: poisons it).
             single_value = (count == 1.0).astype(ms.float32) * (1.0 - channels_differ)  # (1,) 0/1
             code = channels_differ * GUARD_CHANNELS_DIFFER + single_value * GUARD_SINGLE_VALUE
-            invstd = self.guard(invstd, code)
+            invstd = self.stop_if(invstd, code)
             ok = code == 0.0
         else:  # one value per channel is caught from the shape before any kernel runs
             ok = ops.ones((1,), ms.bool_)
@@ -201,23 +212,50 @@ class SyncBatchNormFunction(nn.Cell):
         grad_weight = local_sums[channels:] * invstd
         grad_bias = local_sums[:channels]
         if self.check_pairing:
-            group_sums = self._checked_group_sum(local_sums)
+            group_sums = self._checked_group_sum(local_sums, mean, invstd, count)
         else:
             group_sums = self._group_sum(local_sums)
         dx = self.backward_elemt(dy, x, mean, invstd, weight, group_sums, count)
         return dx, grad_weight, grad_bias, ops.zeros_like(shift)
 
-    def _checked_group_sum(self, local_sums):
+    def describe(self, where):
+        """Name the layer in the errors of the guard kernel: `where` says which layer it is."""
+        self.guard_text = Tensor(guard_text(where))
+
+    def stop_if(self, values, code):
+        """values (M,), code (1,) float32 -> values; a code other than 0 stops the step (guard kernel)
+        with an error naming this layer and saying what the code means."""
+        return self.guard(values, ops.cat((code, self.guard_text)))
+
+    def _fingerprint(self, mean, invstd, count):
+        """mean, invstd (C,), count (1,) -> (1,) float32, an integer in [1, modulus].
+
+        The same on every rank of the group: the statistics are all-reduced, identical bit
+        for bit, and every step below is exact or correctly rounded IEEE arithmetic. NaN and
+        Inf count as 0; an empty group's statistics (mean 0, var 0) hash like any other.
+        """
+        values = ops.cat((mean, invstd, count)) * FINGERPRINT_SCALE  # (2C+1,)
+        values = ops.select(ops.isfinite(values), values, ops.zeros_like(values))
+        wrapped = values - FINGERPRINT_WRAP * ops.floor(values * (1.0 / FINGERPRINT_WRAP))  # [0, 2^20]
+        modulus = self.fingerprint_modulus
+        bits = ops.floor_mod(wrapped.astype(ms.int32), modulus)  # (2C+1,) int32 in [0, modulus)
+        weights = ops.floor_mod(ops.arange(values.shape[0], dtype=ms.int32) * FINGERPRINT_MULTIPLIER
+                                + 1, modulus)
+        terms = ops.floor_mod(bits * weights, modulus)  # < 2^26 before the mod
+        digest = ops.floor_mod(terms.sum(keepdims=True), modulus)  # (1,); exact while C < 2^17
+        return (digest + 1).astype(ms.float32)
+
+    def _checked_group_sum(self, local_sums, mean, invstd, count):
         """(2C,) -> (2C,) group sums; raises (guard) if another layer's collective was paired with ours."""
-        tag = ops.fill(ms.float32, (1,), self.pairing_tag)
+        tag = self._fingerprint(mean, invstd, count)  # (1,)
         reduced = self.all_reduce(ops.cat((local_sums, tag)))  # (2C+1,)
-        mispaired = ops.abs(reduced[-1:] - self.pairing_tag * self.group_size) > 0.5
+        mispaired = ops.abs(reduced[-1:] - tag * self.group_size) > 0.5
         code = mispaired.astype(ms.float32) * GUARD_MISPAIRED  # (1,): 0 or the error code
         # No branch: the guard kernel passes the sums through or stops the step.
-        return self.guard(reduced[:-1], code)
+        return self.stop_if(reduced[:-1], code)
 
 
-class FrozenStatsNormalize(nn.Cell):
+class FrozenStatsNormalize(Float32Cell):
     """Normalization with given statistics (eval mode with running stats); no communication.
 
     Inputs: x (N, C, *), mean (C,), invstd (C,), weight (C,), bias (C,), all float32 but x.

@@ -177,9 +177,13 @@ def _load_example():
 
 
 def test_main_job_passes_and_its_checkpoint_loads_single_process(tmp_path):
+    """The main job as a user runs it, with float16 mixed precision (--amp O2: Model.train
+    with amp_level O2 and a loss scale; the float32 Model.train path is a recipe of
+    tests/test_amp_training.py): it passes, prints no MindSpore log line although it
+    promises errors only, labels the compilation step and lists the files it wrote."""
     out = tmp_path / "run"
     cmd = ["bash", str(ROOT / "launch" / "run_cpu.sh"), "--log-dir", str(tmp_path / "log"),
-           "--", "--steps", "4", "--out", str(out)]
+           "--amp", "O2", "--", "--steps", "4", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, cwd=tmp_path,
                             env=dict(os.environ, GLOG_v="3", OMP_NUM_THREADS="1"))
@@ -191,6 +195,12 @@ def test_main_job_passes_and_its_checkpoint_loads_single_process(tmp_path):
         pytest.fail(f"launch/run_cpu.sh timed out\n{stdout[-4000:]}")
     assert proc.returncode == 0, stdout[-4000:]
     assert "step   4/4  loss" in stdout and "-> PASS" in stdout, stdout[-4000:]
+    assert "amp O2" in stdout and "includes compiling" in stdout, stdout[-4000:]
+    assert "[INFO]" not in stdout and "[WARNING]" not in stdout, stdout[-4000:]
+    listed = stdout[stdout.index("files written:"):]
+    for name in ("resnet_syncbn.ckpt", "result.json", "eval_images.npy", "eval_logits.npy"):
+        assert str(out / name) in listed and (out / name).exists(), listed
+    assert stdout.rstrip().endswith("PASS"), stdout[-2000:]
 
     example = _load_example()
     plain = example.build_network(seed=123)  # other weights: all must come from the file

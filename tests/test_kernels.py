@@ -30,8 +30,8 @@ import pytest
 import mindspore as ms
 from mindspore import nn
 
-from ms_syncbn.kernels import (GUARD_CHANNELS_DIFFER, GUARD_CODES, GUARD_MISPAIRED,
-                               GUARD_SINGLE_VALUE)
+from ms_syncbn.kernels import (GUARD_CODES, GUARD_MEANINGS, GUARD_MISPAIRED, GUARD_SINGLE_VALUE,
+                               guard_text)
 from ms_syncbn.kernels.composite import FinalizeStats as CompositeFinalizeStats
 from ms_syncbn.kernels.composite import Guard as CompositeGuard, UpdateStats as CompositeUpdateStats
 from ms_syncbn.kernels.cpu import cpu_kernels, cpu_library_path
@@ -605,19 +605,32 @@ def test_guard_passes_values_through_on_code_zero(kernels, mode):
 
 
 @pytest.mark.parametrize("code", GUARD_CODES)
-def test_guard_raises_carrying_the_code_and_says_what_it_means(kernels, code, capfd):
-    meaning = {GUARD_CHANNELS_DIFFER: "disagree on num_features",
-               GUARD_SINGLE_VALUE: "1 value per channel",
-               GUARD_MISPAIRED: "paired with another layer"}[code]
+def test_guard_raises_naming_the_layer_and_saying_what_the_code_means(kernels, code, capfd):
     values = ms.Tensor(np.ones(3, np.float32))
-    with pytest.raises(RuntimeError, match=rf"Guard\)? is {int(code)}\b"):
-        kernels.guard(values, ms.Tensor(np.array([code], np.float32))).asnumpy()
-    err = capfd.readouterr().err
-    assert f"ms_syncbn SyncBatchNorm error {int(code)}: " in err and meaning in err, err
+    text = guard_text("'net.block.bn' SyncBatchNorm(num_features=3)")
+    with pytest.raises(RuntimeError) as info:
+        kernels.guard(values, ms.Tensor(np.concatenate(([code], text)).astype(np.float32))).asnumpy()
+    message = (f"ms_syncbn SyncBatchNorm error {int(code)} in layer "
+               f"'net.block.bn' SyncBatchNorm(num_features=3): {GUARD_MEANINGS[code]}.")
+    assert message in str(info.value), str(info.value)
+    assert message in capfd.readouterr().err
+
+
+def test_guard_without_text_gives_the_code_and_where_its_meaning_is(kernels):
+    with pytest.raises(RuntimeError, match=r"SyncBatchNorm error 4: see ms_syncbn\.kernels\.GUARD_MEANINGS"):
+        kernels.guard(ms.Tensor(np.ones(3, np.float32)),
+                      ms.Tensor(np.array([GUARD_MISPAIRED], np.float32))).asnumpy()
+
+
+def test_guard_text_entries_are_the_layer_then_the_meanings_by_code():
+    entries = guard_text("layer").astype(np.uint8).tobytes().decode().split("\0")
+    assert entries[0] == "layer"
+    for code, meaning in GUARD_MEANINGS.items():
+        assert entries[int(code)] == meaning
 
 
 def test_guard_rejects_a_malformed_call(kernels):
-    with pytest.raises(RuntimeError, match=r"is 1\b"):
+    with pytest.raises(RuntimeError, match=r"error 1: malformed call of the Guard kernel"):
         kernels.guard(ms.Tensor(np.ones((2, 2), np.float32)),
                       ms.Tensor(np.zeros(1, np.float32))).asnumpy()
 

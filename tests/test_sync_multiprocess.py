@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 import pytest
 
-from ms_syncbn.kernels import GUARD_SINGLE_VALUE
+from ms_syncbn.kernels import GUARD_MEANINGS, GUARD_SINGLE_VALUE
 from tests.harness import MsrunResult, run_msrun
 from tests.workers.core_checks import (assert_close, batch_stats_step, expected_training,
                                        frozen_stats_step)
@@ -224,17 +224,17 @@ def test_large_mean_variance_within_1e4_relative(jobs, job):
 
 @pytest.mark.parametrize("job", ["pynative_2ranks", "graph_2ranks"])
 def test_group_with_one_value_per_channel_raises_on_every_rank(jobs, job):
-    """The guard kernel stops the step on every rank (RuntimeError carrying code 3, its meaning
-    on each rank's stderr), in PyNative and graph mode alike, and the state is unchanged."""
+    """The guard kernel stops the step on every rank (RuntimeError with code 3, the layer and
+    its meaning, also on each rank's stderr), in PyNative and graph mode alike, and the state is unchanged."""
     ranks = _load(jobs(job), "one_value", JOBS[job]["world"])
     for meta, _ in ranks:
         assert meta["status"] == "error", f"rank {meta['rank']} trained without error"
         assert meta["error_type"] == "RuntimeError", meta.get("traceback")
-        assert f"function(Guard) is {int(GUARD_SINGLE_VALUE)}" in meta["message"], meta["message"]
+        assert f"SyncBatchNorm error {int(GUARD_SINGLE_VALUE)} in layer" in meta["message"], meta["message"]
+        assert GUARD_MEANINGS[GUARD_SINGLE_VALUE] in meta["message"], meta["message"]
     logs = "".join(path.read_text(errors="replace")
                    for path in sorted(jobs(job).result.log_dir.glob("worker_*.log")))
-    assert logs.count("error 3: the batch of the process group holds 1 value per channel") >= 2, (
-        logs[-3000:])
+    assert logs.count(GUARD_MEANINGS[GUARD_SINGLE_VALUE]) >= 2, logs[-3000:]
     for meta, arrays in ranks:  # the failed step changed nothing
         assert "state_error" not in meta, meta["state_error"]
         np.testing.assert_array_equal(arrays["after_error_running_mean"], np.zeros(3, np.float32))

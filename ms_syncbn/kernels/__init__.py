@@ -19,7 +19,7 @@ finalize_stats      sums (3C+2,): [sum(x-K), sum((x-K)^2), n*K, n, C] summed   (
 update_stats        mean, var (C,), count (1,), kept (1,), shift,              (3C+1,) float32:
                     running_mean, running_var (C,), factor (1,)                [shift' | running_mean' |
                                                                                running_var' | updated]
-guard               values (M,) float32, code (1,) float32                     values, or the step
+guard               values (M,) float32, code (1+T,) float32: [code | text]    values, or the step
                                                                                stops (see below)
 local_moments       x                                                          (2C+1,) float32:
 (optional)                                                                     [mean_i | m2_i | n_i]
@@ -32,11 +32,13 @@ graph mode.
 ``finalize_stats`` turns the group's sums into its statistics and
 ``update_stats`` gives the layer's state after a training step, each in one call
 (``FinalizeStats`` and ``UpdateStats`` in ops/cpu/syncbn_cpu.cc state the arithmetic). ``guard`` lets
-a compiled graph stop without a branch: code 0 passes `values` through; any
-code of :data:`GUARD_CODES` stops the step. The CPU kernel raises a RuntimeError
-carrying the code and writes its meaning to stderr; the Ascend composite
-(``kernels.composite.Guard``) returns NaN, which the layer routes into the
-step's outputs and gradients.
+a compiled graph stop without a branch: ``code[0]`` = 0 passes `values` through; any
+code of :data:`GUARD_CODES` stops the step. ``code[1:]`` may carry the text of that
+error, :func:`guard_text` (the layer and :data:`GUARD_MEANINGS`). The CPU kernel raises a
+RuntimeError with that text (also written to stderr); the Ascend composite
+(``kernels.composite.Guard``) returns NaN, which the layer routes into the step's
+outputs and gradients: no native kernel fails on a value, and a branch would need
+the code on the host.
 
 ``local_moments`` (mean_i and m2_i = sum((x - mean_i)^2) over the local batch,
 n_i its number of values per channel; zeros for an empty batch) is given by
@@ -47,12 +49,51 @@ in two small all-reduces and never branches; without it (CPU), it uses
 """
 from typing import Any, NamedTuple
 
+import numpy as np
 
-# Error codes of the guard kernel (ops/cpu/syncbn_cpu.cc, Guard, holds the same meanings).
+
+# Error codes of the guard kernel; GUARD_MEANINGS is the one statement of what they mean.
+GUARD_MALFORMED = 1.0  # the guard kernel itself was called with malformed arguments
 GUARD_CHANNELS_DIFFER = 2.0  # the ranks of the process group disagree on num_features
 GUARD_SINGLE_VALUE = 3.0  # the group's batch holds 1 value per channel in training
 GUARD_MISPAIRED = 4.0  # a backward all-reduce was paired with another layer's
 GUARD_CODES = (GUARD_CHANNELS_DIFFER, GUARD_SINGLE_VALUE, GUARD_MISPAIRED)
+
+# code -> which check stopped the step, what it saw, and the causes that fit.
+GUARD_MEANINGS = {
+    GUARD_MALFORMED: "internal check: the guard kernel was called with malformed arguments "
+                     "(an ms_syncbn bug; please report it)",
+    GUARD_CHANNELS_DIFFER: (
+        "forward num_features check: the all-reduced channel counts show that the ranks' layers "
+        "in this collective disagree on num_features, so the group statistics are meaningless. "
+        "Causes that fit: the ranks built this layer with different num_features (different "
+        "models), or the ranks called their SyncBatchNorm layers in different orders, so that "
+        "layers of different widths met in one all-reduce"),
+    GUARD_SINGLE_VALUE: (
+        "forward batch-size check: the batch of the whole process group holds 1 value per "
+        "channel in training, so the batch variance is undefined. Causes that fit: every rank's "
+        "batch is empty but one, which holds a single sample with no spatial extent; use "
+        "eval mode or a larger batch for this step"),
+    GUARD_MISPAIRED: (
+        "backward layer-identity check: this layer's backward all-reduce was paired with a "
+        "different layer application on some rank (the layer fingerprints, computed from the "
+        "step's group statistics, do not match), and its gradients would be wrong. Causes that "
+        "fit: the ranks ran the backward passes of their layers in different orders (a "
+        "compiled graph issued the collectives of parallel branches in different orders), or "
+        "some rank skipped this layer's backward or ran a different model. Not a cause: "
+        "layers that some rank built but did not call, or built in another order"),
+}
+
+
+def guard_text(where: str) -> np.ndarray:
+    """The text part of a guard code for a layer described by `where`, as float32 (T,).
+
+    UTF-8 bytes, one per element, of NUL-separated entries: entry 0 is `where`, entry k the
+    meaning of code k (:data:`GUARD_MEANINGS`; empty where k is not a code).
+    """
+    entries = [where] + [GUARD_MEANINGS.get(float(k), "") for k in range(1, int(max(GUARD_MEANINGS)) + 1)]
+    data = "\0".join(entry.replace("\0", " ") for entry in entries).encode("utf-8")
+    return np.frombuffer(data, np.uint8).astype(np.float32)
 
 
 class BatchNormKernels(NamedTuple):

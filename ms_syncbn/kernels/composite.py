@@ -52,8 +52,8 @@ class UpdateStats(nn.Cell):
 
 
 class Guard(nn.Cell):
-    """values (M,) float32, code (1,) float32 -> values (M,) float32: `values` where code is 0,
-    NaN everywhere otherwise.
+    """values (M,) float32, code (1+T,) float32 -> values (M,) float32: `values` where code[0]
+    is 0, NaN everywhere otherwise (the text code[1:] is not used).
 
     The guard contract without a branch: on Ascend a branch on a tensor needs the value on
     the host, a device-to-host round trip per layer and step, and no native kernel fails on
@@ -64,5 +64,5 @@ class Guard(nn.Cell):
     """
 
     def construct(self, values, code):
-        passed = (code == 0.0).astype(values.dtype)  # (1,): 1 or 0
+        passed = (code[:1] == 0.0).astype(values.dtype)  # (1,): 1 or 0
         return values * (passed / passed)  # x * 1, or x * (0 / 0) = NaN; (M,) * (1,) -> (M,)

@@ -49,6 +49,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -308,35 +310,52 @@ extern "C" int UpdateStats(int nparam, void **params, int *ndims, int64_t **shap
   return 0;
 }
 
-// Guard: values (M,) float32, code (1,) float32 -> values (M,) float32.
+// Guard: values (M,) float32, code (1+T,) float32 = [code | text] -> values (M,) float32.
 // The branch-free way for a compiled graph to stop on a condition every rank
 // agrees on: the caller computes an error code (0 = no error) from all-reduced
 // numbers and routes a small tensor it needs next through this kernel. Code 0:
-// copies `values`. Code k >= 1: writes what k means to stderr and returns k,
-// which MindSpore raises as a RuntimeError naming this function and k; the
-// output is then not written. The codes are ms_syncbn.kernels.GUARD_CODES.
+// copies `values`. Code k >= 1: throws a std::runtime_error, which MindSpore
+// raises as a RuntimeError whose message includes ours (also written to
+// stderr); the output is then not written. `text` (T >= 0 elements, one UTF-8
+// byte each) is NUL-separated: entry 0 names the layer, entry k says what code k
+// means (ms_syncbn.kernels.guard_text builds it from GUARD_MEANINGS, the one
+// place the meanings are stated). Without text the message gives the code only.
 extern "C" int Guard(int nparam, void **params, int *ndims, int64_t **shapes,
                      const char **dtypes, void *, void *) {
-  if (nparam != 3 || !all_1d_float32(3, ndims, dtypes) || shapes[1][0] != 1) return 1;
-  static const char *const kMeaning[] = {
-      nullptr,
-      "malformed call of the Guard kernel",
-      "the ranks of the process group disagree on num_features (the layers of some ranks "
-      "have a different number of channels; the all-reduced sums are meaningless)",
-      "the batch of the process group holds 1 value per channel in training",
-      "the backward all-reduce of a layer was paired with another layer's on some rank "
-      "(a compiled graph ran the collectives of parallel branches in different orders)",
-  };
-  const int kCodes = static_cast<int>(sizeof kMeaning / sizeof kMeaning[0]);
-  const float code = *static_cast<const float *>(params[1]);
-  if (code != 0.0f) {
-    const int k = code >= 1.0f && code < static_cast<float>(kCodes) ? static_cast<int>(code) : 1;
-    std::fprintf(stderr, "ms_syncbn SyncBatchNorm error %d: %s.\n", k, kMeaning[k]);
-    std::fflush(stderr);
-    return k;
+  const bool well_formed = nparam == 3 && all_1d_float32(3, ndims, dtypes) && shapes[1][0] >= 1 &&
+                           shapes[2][0] == shapes[0][0];
+  const float code = well_formed ? *static_cast<const float *>(params[1]) : 1.0f;
+  if (code == 0.0f) {
+    std::memcpy(params[2], params[0], static_cast<size_t>(shapes[0][0]) * sizeof(float));
+    return 0;
   }
-  std::memcpy(params[2], params[0], static_cast<size_t>(shapes[0][0]) * sizeof(float));
-  return 0;
+  const int k = code >= 1.0f && code < 1000.0f ? static_cast<int>(code) : 1;
+  std::vector<std::string> entries(1);  // entry 0: the layer; entry k: the meaning of code k
+  if (well_formed) {
+    const float *text = static_cast<const float *>(params[1]) + 1;
+    for (int64_t i = 0; i + 1 < shapes[1][0]; ++i) {
+      const float c = text[i];
+      if (c == 0.0f) {
+        entries.emplace_back();
+      } else if (c > 0.0f && c < 256.0f) {
+        entries.back().push_back(static_cast<char>(static_cast<unsigned char>(c)));
+      }
+    }
+  }
+  std::string message = "ms_syncbn SyncBatchNorm error " + std::to_string(k);
+  if (!entries[0].empty()) message += " in layer " + entries[0];
+  message += ": ";
+  if (k < static_cast<int>(entries.size()) && !entries[k].empty()) {
+    message += entries[k];
+  } else if (k == 1) {
+    message += "malformed call of the Guard kernel";
+  } else {
+    message += "see ms_syncbn.kernels.GUARD_MEANINGS";
+  }
+  message += ".";
+  std::fprintf(stderr, "%s\n", message.c_str());
+  std::fflush(stderr);
+  throw std::runtime_error(message);
 }
 
 #else  // MSSBN_ISA
