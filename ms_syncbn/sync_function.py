@@ -97,6 +97,12 @@ class SyncBatchNormFunction(Float32Cell):
         gradients, NaN. The caller must not update any state unless ok.
     """
 
+    # Read through self on the compiled paths: mindspore.amp's O1 regenerates a cell's code in
+    # another module, where this module's own constants are not defined.
+    fingerprint_scale = FINGERPRINT_SCALE
+    fingerprint_wrap = FINGERPRINT_WRAP
+    fingerprint_multiplier = FINGERPRINT_MULTIPLIER
+
     def __init__(self, kernels, eps, all_reduce=None, group_size=1):
         super().__init__()
         # The backward payload carries a fingerprint of the layer application (see the
@@ -234,12 +240,12 @@ class SyncBatchNormFunction(Float32Cell):
         for bit, and every step below is exact or correctly rounded IEEE arithmetic. NaN and
         Inf count as 0; an empty group's statistics (mean 0, var 0) hash like any other.
         """
-        values = ops.cat((mean, invstd, count)) * FINGERPRINT_SCALE  # (2C+1,)
+        values = ops.cat((mean, invstd, count)) * self.fingerprint_scale  # (2C+1,)
         values = ops.select(ops.isfinite(values), values, ops.zeros_like(values))
-        wrapped = values - FINGERPRINT_WRAP * ops.floor(values * (1.0 / FINGERPRINT_WRAP))  # [0, 2^20]
+        wrapped = values - self.fingerprint_wrap * ops.floor(values * (1.0 / self.fingerprint_wrap))  # [0, 2^20]
         modulus = self.fingerprint_modulus
         bits = ops.floor_mod(wrapped.astype(ms.int32), modulus)  # (2C+1,) int32 in [0, modulus)
-        weights = ops.floor_mod(ops.arange(values.shape[0], dtype=ms.int32) * FINGERPRINT_MULTIPLIER
+        weights = ops.floor_mod(ops.arange(values.shape[0], dtype=ms.int32) * self.fingerprint_multiplier
                                 + 1, modulus)
         terms = ops.floor_mod(bits * weights, modulus)  # < 2^26 before the mod
         digest = ops.floor_mod(terms.sum(keepdims=True), modulus)  # (1,); exact while C < 2^17

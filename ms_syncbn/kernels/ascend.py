@@ -85,13 +85,17 @@ def _as_float32(x):
 class _LocalMeanVar(nn.Cell):
     """x (N, C, *) non-empty -> mean (C,), biased var (C,), float32, from one BatchNormStats."""
 
+    # Read through self: mindspore.amp's O1 regenerates a cell's code in another module,
+    # where this module's own constants are not defined.
+    stats_eps = _STATS_EPS
+
     def __init__(self):
         super().__init__()
         self.stats = native.BatchNormStats()
 
     def construct(self, x):
-        mean, invstd = self.stats(_stats_input(x), _STATS_EPS)  # (C,), (C,) float32
-        var = ops.relu(1.0 / (invstd * invstd) - _STATS_EPS)  # rounding can dip below 0
+        mean, invstd = self.stats(_stats_input(x), self.stats_eps)  # (C,), (C,) float32
+        var = ops.relu(1.0 / (invstd * invstd) - self.stats_eps)  # rounding can dip below 0
         return mean, var
 
 
