@@ -170,3 +170,57 @@ def test_to_float_keeps_the_layer_in_float32_and_returns_the_low_dtype(low):
     np.testing.assert_allclose(bn.running_var.asnumpy(), var, rtol=1e-5, atol=1e-6)
     net.to_float(ms.float32)
     assert bn.amp_output_dtype is None
+
+
+class _ConvBatchNorm(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, pad_mode="same", weight_init="normal")
+        self.bn = nn.BatchNorm2d(4)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Dense(4 * 6 * 6, 3, weight_init="normal")
+
+    def construct(self, x):
+        return self.fc(self.flatten(self.bn(self.conv(x))))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_o1_code_rewrite_runs_the_ascend_table(mode, monkeypatch):
+    """amp O1 regenerates every cell's code in another module: the Ascend table (over the
+    emulated primitives) must not read a module constant there. Two steps of the converted
+    network equal the unconverted network's two steps at O1 (one process)."""
+    from ms_syncbn import batchnorm
+    from tests.ascend_emulation import emulated_ascend_kernels
+
+    monkeypatch.setattr(batchnorm, "kernels_for", lambda device_target: emulated_ascend_kernels("a2"))
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    try:
+        plain, converted = _ConvBatchNorm(), _ConvBatchNorm()
+        ms.load_param_into_net(converted, {p.name: ms.Parameter(p.data.copy(), name=p.name)
+                                           for p in plain.get_parameters()})
+        converted = SyncBatchNorm.convert_sync_batchnorm(converted)
+        assert isinstance(converted.bn, SyncBatchNorm)
+        rng = np.random.default_rng(5)
+        batches = [(ms.Tensor(rng.normal(2.0, 3.0, (5, 3, 6, 6)).astype(np.float32)),
+                    ms.Tensor(rng.integers(0, 3, 5).astype(np.int32))) for _ in range(2)]
+        losses = {}
+        for name, net in (("plain", plain), ("converted", converted)):
+            loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+            train = ms.amp.build_train_network(net, nn.SGD(net.trainable_params(), 0.1), loss_fn,
+                                               level="O1")
+            losses[name] = [float(train(x, y).asnumpy()) for x, y in batches]
+        # O1 runs the convolutions and the dense layer in float16: results agree to float16's
+        # resolution (2^-10 ~ 1e-3) of each tensor's scale, not to float32's.
+        np.testing.assert_allclose(losses["converted"], losses["plain"], rtol=1e-3)
+        pairs = [(dict(converted.parameters_and_names())[name], dict(plain.parameters_and_names())[name])
+                 for name in ("conv.weight", "fc.weight", "fc.bias")]
+        pairs += [(converted.bn.weight, plain.bn.gamma), (converted.bn.bias, plain.bn.beta),
+                  (converted.bn.running_mean, plain.bn.moving_mean),
+                  (converted.bn.running_var, plain.bn.moving_variance)]
+        for ours, theirs in pairs:
+            ours, theirs = ours.asnumpy(), theirs.asnumpy()
+            np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-3 * np.abs(theirs).max(),
+                                       err_msg=ours.shape)
+    finally:
+        ms.set_context(mode=previous)
