@@ -63,8 +63,14 @@ def count_ir(text):
     }
 
 
-class _LayerTrainStep(nn.Cell):
-    """(x, dy) -> (dx, parameter gradients) of `layer` in training mode: one layer step."""
+class LayerTrainStep(nn.Cell):
+    """Forward and backward of `layer` for the upstream gradient dy: (dx, parameter grads).
+
+    The vector-Jacobian product of the layer alone, as torch's ``layer(x).backward(dy)``:
+    no loss reduction, whose MindSpore CPU kernel alone (ReduceSum, ~2 ms for 0.5 M
+    floats) would outweigh the layer being measured. The benchmark times it and
+    :func:`layer_step_counts` counts it.
+    """
 
     def __init__(self, layer):
         super().__init__()
@@ -89,7 +95,7 @@ def layer_step_counts(layer, x, work_dir):
     layer.set_train(True)
     ran = True
     try:
-        _LayerTrainStep(layer)(x, ops.ones_like(x))
+        LayerTrainStep(layer)(x, ops.ones_like(x))
     except RuntimeError as err:
         if "Kernel select failed" not in str(err) and "Unsupported op" not in str(err):
             raise

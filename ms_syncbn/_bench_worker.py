@@ -61,6 +61,7 @@ def main():
 
     import ms_syncbn.batchnorm as batchnorm_module
     from ms_syncbn import SyncBatchNorm
+    from ms_syncbn._bench_graphs import LayerTrainStep as TrainStep
     from ms_syncbn._bench_graphs import layer_step_counts, layers_built_with
     from ms_syncbn.kernels.ascend import ascend_kernels
     from ms_syncbn.kernels.cpu import cpu_kernels
@@ -72,23 +73,6 @@ def main():
         import torch
         torch.set_num_threads(1)
     kernels = cpu_kernels()
-
-    class TrainStep(nn.Cell):
-        """Forward and backward of `layer` for the upstream gradient dy: (dx, parameter grads).
-
-        The vector-Jacobian product of the layer alone, as torch's ``layer(x).backward(dy)``:
-        no loss reduction, whose MindSpore CPU kernel alone (ReduceSum, ~2 ms for 0.5 M
-        floats) would outweigh the layer being measured.
-        """
-
-        def __init__(self, layer):
-            super().__init__()
-            self.layer = layer
-            self.params = ms.ParameterTuple(layer.trainable_params())
-            self.grad = ops.GradOperation(get_all=True, get_by_list=True, sens_param=True)
-
-        def construct(self, x, dy):
-            return self.grad(self.layer, self.params)(x, dy)
 
     class Identity(nn.Cell):
         def construct(self, x):
