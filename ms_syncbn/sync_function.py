@@ -61,12 +61,8 @@ RESHIFT_MEAN_TOLERANCE = 2.0 ** -20
 
 # Fingerprints are integers in [1, FINGERPRINT_MODULUS]: their sum over a group of W ranks is
 # exact in float32 while W * FINGERPRINT_MODULUS < 2**24 (larger groups use a smaller modulus).
+# The hash itself is the fingerprint kernel's contract (ms_syncbn.kernels).
 FINGERPRINT_MODULUS = 8191
-# Bits of the statistics that enter the fingerprint: value * 2**12, modulo 2**20.
-FINGERPRINT_SCALE = 2.0 ** 12
-FINGERPRINT_WRAP = 2.0 ** 20
-# Hash weight of element i of [mean | invstd | count]: (i * MULTIPLIER + 1) mod modulus.
-FINGERPRINT_MULTIPLIER = 1103
 
 
 class SyncBatchNormFunction(Float32Cell):
@@ -97,12 +93,6 @@ class SyncBatchNormFunction(Float32Cell):
         gradients, NaN. The caller must not update any state unless ok.
     """
 
-    # Read through self on the compiled paths: mindspore.amp's O1 regenerates a cell's code in
-    # another module, where this module's own constants are not defined.
-    fingerprint_scale = FINGERPRINT_SCALE
-    fingerprint_wrap = FINGERPRINT_WRAP
-    fingerprint_multiplier = FINGERPRINT_MULTIPLIER
-
     def __init__(self, kernels, eps, all_reduce=None, group_size=1):
         super().__init__()
         # The backward payload carries a fingerprint of the layer application (see the
@@ -110,7 +100,8 @@ class SyncBatchNormFunction(Float32Cell):
         # (compiled graphs may issue the backward collectives of parallel branches in any
         # order).
         self.check_pairing = all_reduce is not None
-        self.fingerprint_modulus = min(FINGERPRINT_MODULUS, (2 ** 24 - 1) // max(group_size, 1))
+        self.fingerprint_modulus = Tensor(
+            [float(min(FINGERPRINT_MODULUS, (2 ** 24 - 1) // max(group_size, 1)))], ms.float32)
         self.guard_text = Tensor(guard_text("(unnamed)"))
         self.local_stats = kernels.local_stats
         self.normalize = kernels.normalize
@@ -122,6 +113,7 @@ class SyncBatchNormFunction(Float32Cell):
         # shifted sums with their rare re-centring pass (see the module docstring).
         self.two_pass = kernels.local_moments is not None
         self.guard = kernels.guard
+        self.fingerprint = kernels.fingerprint
         self.finalize_params = Tensor([float(group_size), eps, RESHIFT_RATIO, RESHIFT_MEAN_TOLERANCE],
                                       ms.float32)
         self.eps = eps
@@ -233,27 +225,11 @@ class SyncBatchNormFunction(Float32Cell):
         with an error naming this layer and saying what the code means."""
         return self.guard(values, ops.cat((code, self.guard_text)))
 
-    def _fingerprint(self, mean, invstd, count):
-        """mean, invstd (C,), count (1,) -> (1,) float32, an integer in [1, modulus].
-
-        The same on every rank of the group: the statistics are all-reduced, identical bit
-        for bit, and every step below is exact or correctly rounded IEEE arithmetic. NaN and
-        Inf count as 0; an empty group's statistics (mean 0, var 0) hash like any other.
-        """
-        values = ops.cat((mean, invstd, count)) * self.fingerprint_scale  # (2C+1,)
-        values = ops.select(ops.isfinite(values), values, ops.zeros_like(values))
-        wrapped = values - self.fingerprint_wrap * ops.floor(values * (1.0 / self.fingerprint_wrap))  # [0, 2^20]
-        modulus = self.fingerprint_modulus
-        bits = ops.floor_mod(wrapped.astype(ms.int32), modulus)  # (2C+1,) int32 in [0, modulus)
-        weights = ops.floor_mod(ops.arange(values.shape[0], dtype=ms.int32) * self.fingerprint_multiplier
-                                + 1, modulus)
-        terms = ops.floor_mod(bits * weights, modulus)  # < 2^26 before the mod
-        digest = ops.floor_mod(terms.sum(keepdims=True), modulus)  # (1,); exact while C < 2^17
-        return (digest + 1).astype(ms.float32)
-
     def _checked_group_sum(self, local_sums, mean, invstd, count):
         """(2C,) -> (2C,) group sums; raises (guard) if another layer's collective was paired with ours."""
-        tag = self._fingerprint(mean, invstd, count)  # (1,)
+        # (C,), (C,), (1,) -> (1,): an integer in [1, modulus], the same on every rank of the
+        # group (the statistics are all-reduced, identical bit for bit); NaN and Inf count as 0.
+        tag = self.fingerprint(mean, invstd, count, self.fingerprint_modulus)
         reduced = self.all_reduce(ops.cat((local_sums, tag)))  # (2C+1,)
         mispaired = ops.abs(reduced[-1:] - tag * self.group_size) > 0.5
         code = mispaired.astype(ms.float32) * GUARD_MISPAIRED  # (1,): 0 or the error code

@@ -33,6 +33,7 @@ from mindspore import nn
 from ms_syncbn.kernels import (GUARD_CODES, GUARD_MEANINGS, GUARD_MISPAIRED, GUARD_SINGLE_VALUE,
                                guard_text)
 from ms_syncbn.kernels.composite import FinalizeStats as CompositeFinalizeStats
+from ms_syncbn.kernels.composite import Fingerprint as CompositeFingerprint
 from ms_syncbn.kernels.composite import Guard as CompositeGuard, UpdateStats as CompositeUpdateStats
 from ms_syncbn.kernels.cpu import cpu_kernels, cpu_library_path
 from ms_syncbn.sync_function import RESHIFT_MEAN_TOLERANCE, RESHIFT_RATIO, SyncBatchNormFunction
@@ -764,3 +765,64 @@ def test_finalize_stats_rejects_a_malformed_call(kernels):
     with pytest.raises(RuntimeError, match=r"is 1\b"):  # 3C+1 sums: the channel slot is missing
         kernels.finalize_stats(ms.Tensor(np.ones(7, np.float32)),
                                ms.Tensor(np.array(FINALIZE_PARAMS, np.float32))).asnumpy()
+
+
+# -------------------------------------------------------------------------- fingerprint --
+
+def fingerprint_ref(mean, invstd, count, modulus):
+    """The fingerprint contract (Fingerprint in ops/cpu/syncbn_cpu.cc) in NumPy float32 and
+    Python integers."""
+    values = np.concatenate([mean, invstd, [count]]).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = values * np.float32(2.0 ** 12)
+    scaled = np.where(np.isfinite(scaled), scaled, np.float32(0.0)).astype(np.float32)
+    wrapped = scaled - np.float32(2.0 ** 20) * np.floor(scaled * np.float32(2.0 ** -20))
+    digest = sum((int(bits) % modulus) * ((1103 * i + 1) % modulus) % modulus
+                 for i, bits in enumerate(wrapped.astype(np.float32)))
+    return float(digest % modulus + 1)
+
+
+FINGERPRINT_CASES = [
+    ([np.nan, np.inf, -np.inf], [np.nan, 1.0, np.inf], 5.0),  # non-finite values count as 0
+    ([0.0, 0.0], [1.0 / np.sqrt(1e-5)] * 2, 0.0),  # an all-empty group step
+    ([3e38, -3e38], [1e-30, 316.0], 2.0 ** 24),  # overflow after scaling counts as 0
+    ([-1e-10, -7.25, 123456.789], [0.5, 2.0, 1e4], 17.0),  # negative values wrap into [0, 2^20]
+]
+
+
+@pytest.mark.parametrize("implementation", ["cpu_kernel", "composite"])
+@pytest.mark.parametrize("modulus", [8191.0, 4095.0, 1.0])
+def test_fingerprint_follows_its_contract(kernels, implementation, modulus):
+    """Both forms give the contract's integer in [1, modulus], bit for bit, on random statistics
+    and edge cases; different statistics almost never share one."""
+    fingerprint = kernels.fingerprint if implementation == "cpu_kernel" else CompositeFingerprint()
+    rng = np.random.default_rng(int(modulus))
+
+    def tag(mean, invstd, count):
+        as_tensor = lambda v: ms.Tensor(np.asarray(v, np.float32).reshape(-1))
+        out = fingerprint(as_tensor(mean), as_tensor(invstd), as_tensor(count),
+                          as_tensor(modulus)).asnumpy()
+        assert out.shape == (1,) and out.dtype == np.float32
+        assert out[0] == fingerprint_ref(np.asarray(mean, np.float32), np.asarray(invstd, np.float32),
+                                         np.float32(count), int(modulus))
+        assert 1 <= out[0] <= modulus
+        return float(out[0])
+
+    seen = set()
+    for _ in range(40):
+        channels = int(rng.integers(1, 70))
+        mean = rng.normal(size=channels) * 10.0 ** rng.integers(-3, 4)
+        invstd = rng.uniform(0.01, 300, channels)
+        seen.add(tag(mean, invstd, float(rng.integers(0, 10 ** 6))))
+    if modulus > 1000:
+        assert len(seen) >= 38, len(seen)  # 40 random statistics: ~0.1-0.2 collisions
+    for mean, invstd, count in FINGERPRINT_CASES:
+        tag(mean, invstd, count)
+
+
+def test_fingerprint_rejects_a_malformed_call(kernels):
+    c, one = ms.Tensor(np.ones(3, np.float32)), ms.Tensor(np.ones(1, np.float32))
+    with pytest.raises(RuntimeError, match=r"is 1\b"):  # invstd of the wrong length
+        kernels.fingerprint(c, ms.Tensor(np.ones(4, np.float32)), one, one).asnumpy()
+    with pytest.raises(RuntimeError, match=r"is 1\b"):  # modulus 0: no integer in [1, 0]
+        kernels.fingerprint(c, c, one, ms.Tensor(np.zeros(1, np.float32))).asnumpy()

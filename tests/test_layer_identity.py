@@ -179,38 +179,6 @@ def test_swapped_backward_collectives_stop_every_rank_and_say_why(job, mode):
         assert "backward layer-identity check" in message and "Causes that fit" in message
 
 
-def test_fingerprint_is_a_small_exact_integer_that_tells_statistics_apart():
-    """Single process: the fingerprint of (mean, invstd, count) is an integer in [1, modulus],
-    so the float32 sum over W ranks is exact; NaN/Inf and an empty batch give a fingerprint
-    like any other; different statistics (e.g. two layers of the same shape, or the two
-    applications of a shared layer) almost never share one."""
-    import mindspore as ms
-    from ms_syncbn.kernels import kernels_for
-    from ms_syncbn.sync_function import FINGERPRINT_MODULUS, SyncBatchNormFunction
-
-    function = SyncBatchNormFunction(kernels_for("CPU"), EPS, None, group_size=4)
-    rng = np.random.default_rng(5)
-
-    def fingerprint(mean, invstd, count):
-        value = function._fingerprint(ms.Tensor(np.asarray(mean, np.float32)),
-                                      ms.Tensor(np.asarray(invstd, np.float32)),
-                                      ms.Tensor(np.asarray([count], np.float32))).asnumpy()
-        assert value.shape == (1,) and value[0] == np.round(value[0]), value
-        assert 1 <= value[0] <= FINGERPRINT_MODULUS, value
-        return float(value[0])
-
-    seen = set()
-    for _ in range(60):
-        mean, invstd = rng.normal(size=8) * 10.0 ** rng.integers(-3, 4), rng.uniform(0.01, 300, 8)
-        first = fingerprint(mean, invstd, 17)
-        assert fingerprint(mean, invstd, 17) == first  # deterministic
-        seen.add(first)
-    assert len(seen) >= 58, len(seen)  # 60 random statistics, modulus 8191: ~0.2 collisions
-    fingerprint([np.nan, np.inf, -np.inf], [np.nan, 1.0, np.inf], 5)
-    fingerprint([0.0, 0.0], [1.0 / np.sqrt(EPS)] * 2, 0)  # an all-empty group step
-    fingerprint([3e38, -3e38], [1e-30, 316.0], 2 ** 24)  # overflow after scaling counts as 0
-
-
 def test_guard_errors_name_the_layer_by_its_path_in_the_model():
     """The layer's description for guard errors follows its parameters' names: standalone, after
     attachment, after its parent is attached (refreshed by set_train), after conversion."""

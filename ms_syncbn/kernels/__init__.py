@@ -21,6 +21,8 @@ update_stats        mean, var (C,), count (1,), kept (1,), shift,              (
                                                                                running_var' | updated]
 guard               values (M,) float32, code (1+T,) float32: [code | text]    values, or the step
                                                                                stops (see below)
+fingerprint         mean, invstd (C,), count (1,), modulus (1,)                (1,) float32: an
+                                                                               integer in [1, modulus]
 local_moments       x                                                          (2C+1,) float32:
 (optional)                                                                     [mean_i | m2_i | n_i]
 ==================  =========================================================  ==================
@@ -40,6 +42,12 @@ RuntimeError with that text (also written to stderr); the Ascend composite
 outputs and gradients: no native kernel fails on a value, and a branch would need
 the code on the host.
 
+``fingerprint`` hashes a layer application's group statistics (identical on every
+rank) to a small integer, which the backward payload carries to catch two layers'
+collectives paired with each other; ``Fingerprint`` in ops/cpu/syncbn_cpu.cc states the
+arithmetic, with the constants :data:`FINGERPRINT_SCALE`, :data:`FINGERPRINT_WRAP` and
+:data:`FINGERPRINT_MULTIPLIER`.
+
 ``local_moments`` (mean_i and m2_i = sum((x - mean_i)^2) over the local batch,
 n_i its number of values per channel; zeros for an empty batch) is given by
 tables whose native statistics kernel centres on the local mean (Ascend's
@@ -58,6 +66,13 @@ GUARD_CHANNELS_DIFFER = 2.0  # the ranks of the process group disagree on num_fe
 GUARD_SINGLE_VALUE = 3.0  # the group's batch holds 1 value per channel in training
 GUARD_MISPAIRED = 4.0  # a backward all-reduce was paired with another layer's
 GUARD_CODES = (GUARD_CHANNELS_DIFFER, GUARD_SINGLE_VALUE, GUARD_MISPAIRED)
+
+# The fingerprint's hash (the contract of the ``fingerprint`` kernel): bits of the
+# statistics that enter it are value * 2**12 modulo 2**20, and element i of
+# [mean | invstd | count] has weight (i * FINGERPRINT_MULTIPLIER + 1) mod modulus.
+FINGERPRINT_SCALE = 2.0 ** 12
+FINGERPRINT_WRAP = 2.0 ** 20
+FINGERPRINT_MULTIPLIER = 1103
 
 # code -> which check stopped the step, what it saw, and the causes that fit.
 GUARD_MEANINGS = {
@@ -97,7 +112,7 @@ def guard_text(where: str) -> np.ndarray:
 
 
 class BatchNormKernels(NamedTuple):
-    """One backend's implementation of the four kernel contracts above."""
+    """One backend's implementation of the kernel contracts above."""
 
     backend: str
     local_stats: Any
@@ -107,6 +122,7 @@ class BatchNormKernels(NamedTuple):
     finalize_stats: Any
     update_stats: Any
     guard: Any
+    fingerprint: Any
     local_moments: Any = None  # optional: see the module docstring
 
 

@@ -34,7 +34,7 @@ from mindspore import nn, ops
 from mindspore.ops import auto_generate as native
 
 from ms_syncbn.kernels import BatchNormKernels
-from ms_syncbn.kernels.composite import FinalizeStats, Guard, UpdateStats
+from ms_syncbn.kernels.composite import FinalizeStats, Fingerprint, Guard, UpdateStats
 
 # BatchNormStats returns invstd = 1/sqrt(var + eps) in float32; var comes back as
 # 1/invstd^2 - eps, within a few float32 ulps of the kernel's var. This eps keeps a
@@ -220,9 +220,9 @@ class _Normalize(nn.Cell):
 def ascend_kernels() -> BatchNormKernels:
     """The Ascend table (BatchNormStats, BatchNormElemt, BatchNormReduceGrad, BatchNormElemtGrad).
 
-    finalize_stats, update_stats and guard are composites (ms_syncbn.kernels.composite).
+    finalize_stats, update_stats, guard and fingerprint are composites (ms_syncbn.kernels.composite).
     """
     return BatchNormKernels(backend="Ascend", local_stats=_LocalStats(), normalize=_Normalize(),
                             backward_reduce=_BackwardReduce(), backward_elemt=_BackwardElemt(),
                             finalize_stats=FinalizeStats(), update_stats=UpdateStats(),
-                            guard=Guard(), local_moments=_LocalMoments())
+                            guard=Guard(), fingerprint=Fingerprint(), local_moments=_LocalMoments())

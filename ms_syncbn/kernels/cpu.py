@@ -58,4 +58,6 @@ def cpu_kernels() -> BatchNormKernels:
                              lambda m, v, n, k, s, rm, rv, f: ms.float32),
         # values (M,) f32, code (1,) f32 -> values, or a RuntimeError carrying the code
         guard=_custom("Guard", lambda values, code: values, lambda values, code: values),
+        # mean, invstd (C,), count (1,), modulus (1,) -> (1,) f32
+        fingerprint=_custom("Fingerprint", lambda m, s, n, q: (1,), lambda m, s, n, q: ms.float32),
     )

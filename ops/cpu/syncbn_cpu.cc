@@ -310,6 +310,53 @@ extern "C" int UpdateStats(int nparam, void **params, int *ndims, int64_t **shap
   return 0;
 }
 
+// Fingerprint: mean (C,), invstd (C,), count (1,), modulus (1,), all float32
+//   -> (1,) float32, an integer in [1, modulus].
+// Names one application of a layer in one step identically on every rank of the
+// group (the statistics are all-reduced, so every rank holds them bit for bit),
+// in one call instead of some twenty operators. Over the 2C+1 values
+// v_i of [mean | invstd | count], in float32 then integers (the same rounding
+// as the composite form, ms_syncbn.kernels.composite.Fingerprint):
+//   s_i = v_i * 2^12, or 0 if that is not finite
+//   b_i = int(s_i - 2^20 * floor(s_i * 2^-20)) mod modulus     (wrapped to [0, 2^20])
+//   w_i = (1103 * i + 1) mod modulus
+//   fingerprint = (sum_i (b_i * w_i mod modulus)) mod modulus + 1
+// Every float32 step is exact (products by powers of two, an integer times
+// 2^20 subtracted from a float32 of the same magnitude) but the first, which is
+// correctly rounded; the integers stay below 2^63. modulus must be an integer
+// in [1, 2^24) (the caller keeps group size * modulus < 2^24, so the
+// all-reduced sum of W equal fingerprints is exact in float32).
+extern "C" int Fingerprint(int nparam, void **params, int *ndims, int64_t **shapes,
+                           const char **dtypes, void *, void *) {
+  if (nparam != 5 || !all_1d_float32(5, ndims, dtypes)) return 1;
+  const int64_t channels = shapes[0][0];
+  if (shapes[1][0] != channels || shapes[2][0] != 1 || shapes[3][0] != 1 || shapes[4][0] != 1)
+    return 1;
+  const float modulus_value = *static_cast<const float *>(params[3]);
+  if (!(modulus_value >= 1.0f && modulus_value < 16777216.0f) ||
+      modulus_value != std::floor(modulus_value))
+    return 1;
+  const int64_t modulus = static_cast<int64_t>(modulus_value);
+  const float *parts[3] = {static_cast<const float *>(params[0]),
+                           static_cast<const float *>(params[1]),
+                           static_cast<const float *>(params[2])};
+  const int64_t lengths[3] = {channels, channels, 1};
+  int64_t digest = 0;
+  int64_t i = 0;  // index in [mean | invstd | count]
+  for (int part = 0; part < 3; ++part) {
+    for (int64_t j = 0; j < lengths[part]; ++j, ++i) {
+      float scaled = parts[part][j] * 4096.0f;
+      if (!std::isfinite(scaled)) scaled = 0.0f;
+      const float wrapped = scaled - 1048576.0f * std::floor(scaled * (1.0f / 1048576.0f));
+      const int64_t bits = static_cast<int64_t>(static_cast<int32_t>(wrapped)) % modulus;
+      const int64_t weight = (1103 * i + 1) % modulus;
+      digest = (digest + bits * weight % modulus) % modulus;
+    }
+  }
+  *static_cast<float *>(params[4]) = static_cast<float>(digest + 1);
+  return 0;
+}
+
 // Guard: values (M,) float32, code (1+T,) float32 = [code | text] -> values (M,) float32.
 // The branch-free way for a compiled graph to stop on a condition every rank
 // agrees on: the caller computes an error code (0 = no error) from all-reduced
