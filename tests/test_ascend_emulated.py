@@ -15,8 +15,8 @@ What this proves and what it cannot (real aclnn numerics, HCCL, speed): README,
 import numpy as np
 import pytest
 
-from tests.harness import run_msrun
-from tests.test_sync_multiprocess import (LARGE_MEAN_VAR_TOL, STATS_TOL, JobOutcome, _check_group,
+from tests.harness import scenario_jobs
+from tests.test_sync_multiprocess import (LARGE_MEAN_VAR_TOL, STATS_TOL, _check_group,
                                           _groups, _load)
 
 JOBS = {
@@ -39,23 +39,7 @@ TRAINING_CASES = [(job, scenario) for job, spec in JOBS.items() for scenario in 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
     """Runs each msrun job at most once, on first use; returns its outcome."""
-    outcomes = {}
-
-    def outcome(name):
-        if name not in outcomes:
-            spec = JOBS[name]
-            tmp = tmp_path_factory.mktemp(name)
-            try:
-                result = run_msrun("sync_scenarios.py", spec["world"], tmp, "--mode", spec["mode"],
-                                   "--emulate-ascend", VARIANT, *spec["scenarios"],
-                                   timeout=JOB_TIMEOUT)
-                outcomes[name] = JobOutcome(result, "", result.out_dir)
-            except AssertionError as err:  # timeout: results of finished scenarios remain
-                found = sorted(tmp.glob("out_*"))
-                outcomes[name] = JobOutcome(None, str(err), found[0] if found else None)
-        return outcomes[name]
-
-    return outcome
+    return scenario_jobs(tmp_path_factory, JOBS, "--emulate-ascend", VARIANT, timeout=JOB_TIMEOUT)
 
 
 @pytest.mark.parametrize("job", list(JOBS))

@@ -22,8 +22,8 @@ import pytest
 
 from tests import reference
 from tests.harness import run_msrun
-from tests.workers.long_run_plan import (CHANNELS, EPS, LAYERS, LEARNING_RATE, MOMENTA, SAVE_AT,
-                                         STEPS, initial_parameters, step_plan)
+from tests.workers.long_run_plan import (CHANNELS, EPS, LAYER_SUBSETS, LAYERS, LEARNING_RATE, MOMENTA,
+                                         SAVE_AT, STEPS, initial_parameters, step_plan)
 
 WORLD = 2
 JOB_TIMEOUT = 420
@@ -102,7 +102,8 @@ def test_plan_covers_empty_batches_and_layer_subsets():
     assert sum(1 for p in plans if sum(p.sizes) == 0) >= 5
     assert sum(1 for p in plans if 0 in p.sizes and sum(p.sizes) > 0) >= 20
     assert sum(1 for p in plans if len(set(p.sizes)) > 1) >= 100
-    assert len({p.layers for p in plans}) == 2 ** LAYERS - 1
+    assert {p.layers for p in plans} == set(LAYER_SUBSETS)
+    assert all(any(k not in p.layers for p in plans) for k in range(LAYERS))  # each layer skipped
 
 
 def test_restart_from_checkpoint_is_bit_identical(long_run):

@@ -1,7 +1,7 @@
 """Reliability (issue 5): faults end the job in bounded time; bad inputs do not corrupt state.
 
 Faults (tests/workers/reliability_faults.py, one msrun job each, since a fault ends
-the job): a rank that raises, a rank killed with SIGKILL, a rank that stays alive
+the job; the four run side by side, as each mostly waits out a timeout): a rank that raises, a rank killed with SIGKILL, a rank that stays alive
 but never joins the collective, and ranks whose layers disagree on num_features.
 Each job must exit non-zero, within FAULT_BOUND seconds of the fault, and its logs
 must name the failed rank and the cause. What bounds the time on CPU: msrun polls
@@ -19,14 +19,13 @@ checked against tests/reference.py on the concatenated batch.
 import os
 import re
 import signal
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 from tests import reference
-from tests.harness import MsrunResult, run_msrun
+from tests.harness import MsrunResult, run_msrun, start_msrun
 from tests.workers.reliability_faults import CHANNELS
 from tests.workers.reliability_inputs import (CONSTANT_VALUE, FLOAT16_MAX, INF_CHANNEL,
                                               NAN_CHANNEL)
@@ -67,14 +66,30 @@ def last_exception(log):
     return lines[-1] if lines else "no exception in the log"
 
 
-def run_fault(tmp_path, fault, node_timeout):
-    """Run the fault job; node_timeout None leaves MS_NODE_TIMEOUT unset (MindSpore's default)."""
-    env = dict(os.environ)
-    env.pop("MS_NODE_TIMEOUT", None)
-    if node_timeout is not None:
-        env["MS_NODE_TIMEOUT"] = str(node_timeout)
-    result = run_msrun("reliability_faults.py", 2, tmp_path, fault, timeout=JOB_TIMEOUT, env=env)
-    ended = time.time()
+# Fault -> MS_NODE_TIMEOUT of its job (None: unset, MindSpore's default).
+FAULTS = {"raise": FAULT_NODE_TIMEOUT, "sigkill": None, "skip": FAULT_NODE_TIMEOUT,
+          "model_mismatch": FAULT_NODE_TIMEOUT}
+
+
+@pytest.fixture(scope="module")
+def fault_jobs(tmp_path_factory):
+    """All fault jobs, started together: each spends most of its time waiting for a timeout,
+    so running them side by side costs little more than the longest. Each is timed by its
+    own clock (the harness notes when msrun exited)."""
+    jobs = {}
+    for fault, node_timeout in FAULTS.items():
+        env = dict(os.environ)
+        env.pop("MS_NODE_TIMEOUT", None)
+        if node_timeout is not None:
+            env["MS_NODE_TIMEOUT"] = str(node_timeout)
+        jobs[fault] = start_msrun("reliability_faults.py", 2, tmp_path_factory.mktemp(fault), fault,
+                                  timeout=JOB_TIMEOUT, env=env)
+    return jobs
+
+
+def fault_outcome(fault_jobs, fault):
+    """Wait for the job of ``fault`` and read what happened from its output and logs."""
+    result = fault_jobs[fault].result()
     logs = worker_logs(result)
     context = f"\n{result.stdout[-3000:]}\n{result.logs()}"
     fault_times = [float(t) for log in logs.values()
@@ -90,8 +105,8 @@ def run_fault(tmp_path, fault, node_timeout):
     rank = rank_of_pid[pid]
     cause = (f"killed by {signal.Signals(-code).name}" if code < 0
              else f"exit code {code}: {last_exception(logs[rank])}")
-    outcome = FaultOutcome(result, ended - min(fault_times), rank, cause, logs)
-    print(f"\n[reliability] {fault} (MS_NODE_TIMEOUT={node_timeout}): {outcome.report()}")
+    outcome = FaultOutcome(result, result.ended_wall - min(fault_times), rank, cause, logs)
+    print(f"\n[reliability] {fault} (MS_NODE_TIMEOUT={FAULTS[fault]}): {outcome.report()}")
     return outcome
 
 
@@ -100,26 +115,26 @@ def assert_job_failed_in_bound(outcome):
     assert outcome.seconds_after_fault < FAULT_BOUND, outcome.report()
 
 
-def test_rank_raising_ends_job_naming_rank_and_cause(tmp_path):
+def test_rank_raising_ends_job_naming_rank_and_cause(fault_jobs):
     """Rank 1 passes C+1 channels (a ValueError before any collective); rank 0 waits in the all-reduce."""
-    outcome = run_fault(tmp_path, "raise", FAULT_NODE_TIMEOUT)
+    outcome = fault_outcome(fault_jobs, "raise")
     assert_job_failed_in_bound(outcome)
     assert outcome.failed_rank == 1, outcome.report()
     assert f"ValueError: SyncBatchNorm: expected {CHANNELS} channels" in outcome.cause, outcome.report()
     assert f"({3 + 1}, {CHANNELS + 1}, 5)" in outcome.cause, outcome.report()  # the shape it got
 
 
-def test_rank_killed_ends_job_within_default_node_timeout(tmp_path):
+def test_rank_killed_ends_job_within_default_node_timeout(fault_jobs):
     """Rank 1 SIGKILLs itself mid-training; MS_NODE_TIMEOUT unset (MindSpore's default, 30 s)."""
-    outcome = run_fault(tmp_path, "sigkill", None)
+    outcome = fault_outcome(fault_jobs, "sigkill")
     assert_job_failed_in_bound(outcome)
     assert outcome.failed_rank == 1, outcome.report()
     assert outcome.cause == "killed by SIGKILL", outcome.report()
 
 
-def test_rank_that_never_joins_ends_job(tmp_path):
+def test_rank_that_never_joins_ends_job(fault_jobs):
     """Rank 1 stays alive but skips the layer: rank 0's all-reduce fails after MS_NODE_TIMEOUT."""
-    outcome = run_fault(tmp_path, "skip", FAULT_NODE_TIMEOUT)
+    outcome = fault_outcome(fault_jobs, "skip")
     assert_job_failed_in_bound(outcome)
     assert outcome.failed_rank == 0, outcome.report()  # the waiting rank gives up first
     # The layer runs as a compiled graph, whose RuntimeError carries no text; the rank's
@@ -130,10 +145,9 @@ def test_rank_that_never_joins_ends_job(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def model_mismatch(tmp_path_factory):
+def model_mismatch(fault_jobs):
     """Rank r builds a layer of CHANNELS + r features; both call it once."""
-    tmp_path = tmp_path_factory.mktemp("model_mismatch")
-    return run_fault(tmp_path, "model_mismatch", FAULT_NODE_TIMEOUT)
+    return fault_outcome(fault_jobs, "model_mismatch")
 
 
 def test_model_mismatch_ends_job_without_a_result(model_mismatch):

@@ -14,15 +14,12 @@ together and checked against tests/reference.py on the full batch:
   communicates nothing (ranks make different numbers of evaluation calls).
 """
 import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pytest
 
 from ms_syncbn.kernels import GUARD_MEANINGS, GUARD_SINGLE_VALUE
-from tests.harness import MsrunResult, run_msrun
+from tests.harness import scenario_jobs
 from tests.workers.core_checks import (assert_close, batch_stats_step, expected_training,
                                        frozen_stats_step)
 from tests import reference
@@ -50,32 +47,10 @@ TRAINING_CASES = [(job, scenario) for job, spec in JOBS.items() for scenario in 
                   if scenario not in ("one_value", "group_errors")]
 
 
-@dataclass
-class JobOutcome:
-    result: Optional[MsrunResult]  # None if the job timed out
-    failure: str  # the harness's timeout report, or ""
-    out_dir: Optional[Path]
-
-
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
     """Runs each msrun job at most once, on first use; returns its outcome."""
-    outcomes = {}
-
-    def outcome(name):
-        if name not in outcomes:
-            spec = JOBS[name]
-            tmp = tmp_path_factory.mktemp(name)
-            try:
-                result = run_msrun("sync_scenarios.py", spec["world"], tmp, "--mode", spec["mode"],
-                                   *spec["scenarios"], timeout=JOB_TIMEOUT)
-                outcomes[name] = JobOutcome(result, "", result.out_dir)
-            except AssertionError as err:  # timeout: results of finished scenarios remain
-                found = sorted(tmp.glob("out_*"))
-                outcomes[name] = JobOutcome(None, str(err), found[0] if found else None)
-        return outcomes[name]
-
-    return outcome
+    return scenario_jobs(tmp_path_factory, JOBS, timeout=JOB_TIMEOUT)
 
 
 def _load(outcome, scenario, world):
