@@ -132,6 +132,17 @@ class ScenarioJobOutcome:
     failure: str  # the harness's timeout report, or ""
     out_dir: Optional[Path]  # the ranks' result files (those of finished scenarios after a timeout)
 
+    def assert_finished(self, world: int) -> MsrunResult:
+        """The job exited 0 and each of its ``world`` ranks finished every scenario."""
+        assert self.result is not None, self.failure
+        result = self.result
+        assert result.returncode == 0, \
+            f"msrun exited {result.returncode}\n{result.stdout[-3000:]}\n{result.logs()}"
+        for rank in range(world):
+            assert (result.out_dir / f"done_rank{rank}").exists(), \
+                f"rank {rank} did not finish\n{result.logs()}"
+        return result
+
 
 def scenario_jobs(tmp_path_factory, specs, *extra_args, timeout: float):
     """name -> ScenarioJobOutcome: runs the sync_scenarios.py job ``specs[name]`` (a dict with

@@ -77,14 +77,7 @@ def _groups(ranks):
 
 @pytest.mark.parametrize("job", list(JOBS))
 def test_job_finishes_cleanly(jobs, job):
-    outcome = jobs(job)
-    assert outcome.result is not None, outcome.failure
-    result = outcome.result
-    assert result.returncode == 0, \
-        f"msrun exited {result.returncode}\n{result.stdout[-3000:]}\n{result.logs()}"
-    for rank in range(JOBS[job]["world"]):
-        assert (result.out_dir / f"done_rank{rank}").exists(), \
-            f"rank {rank} did not finish\n{result.logs()}"
+    jobs(job).assert_finished(JOBS[job]["world"])
 
 
 @pytest.mark.parametrize("job, scenario", TRAINING_CASES)
