@@ -1,8 +1,8 @@
 """The order MindSpore's graph runtime imposes on the all-reduces of a compiled graph.
 
-Read from the actor-set dump that MindSpore writes with ``MS_DEV_SAVE_GRAPHS=1`` (one per
-rank: ``<MS_DEV_SAVE_GRAPHS_PATH>/rank_<r>/actor_set/0_actor_set_pipeline_*.ir``, the
-actors after linking). Each kernel actor lists its ``output_control_arrows``; the
+Read from the actor-set dumps that MindSpore writes with ``MS_DEV_SAVE_GRAPHS=1`` (per rank,
+one per compiled graph: ``<MS_DEV_SAVE_GRAPHS_PATH>/rank_<r>/actor_set/0_actor_set_pipeline_*.ir``,
+the actors after linking). Each kernel actor lists its ``output_control_arrows``; the
 runtime launches a kernel only after all its input data and control arrows fired.
 
 MindSpore 2.10 (backend/ms_backend/runtime/graph_scheduler: GraphScheduler::Link ->
@@ -119,10 +119,10 @@ def _reaches(successors, start, goal) -> bool:
     return False
 
 
-def rank_dumps(save_graphs_path: Path) -> Dict[int, Path]:
-    """rank -> that rank's first actor-set dump under a MS_DEV_SAVE_GRAPHS_PATH."""
-    dumps = {}
+def rank_dumps(save_graphs_path: Path) -> Dict[int, List[Path]]:
+    """rank -> that rank's actor-set dumps (one per compiled graph, in name order) under a
+    MS_DEV_SAVE_GRAPHS_PATH."""
+    dumps = defaultdict(list)
     for path in sorted(Path(save_graphs_path).glob("rank_*/actor_set/0_actor_set_pipeline_*.ir")):
-        rank = int(path.parent.parent.name.split("_")[1])
-        dumps.setdefault(rank, path)
-    return dumps
+        dumps[int(path.parent.parent.name.split("_")[1])].append(path)
+    return dict(dumps)

@@ -58,4 +58,4 @@ def test_unordered_all_reduces_are_reported(tmp_path):
 
 def test_rank_dumps_by_rank(tmp_path):
     paths = [write(tmp_path, rank, True) for rank in (1, 0)]
-    assert rank_dumps(tmp_path) == {0: paths[1], 1: paths[0]}
+    assert rank_dumps(tmp_path) == {0: [paths[1]], 1: [paths[0]]}

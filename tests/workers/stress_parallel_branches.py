@@ -13,9 +13,12 @@ runtime dispatch thread count to the reproduction, `--sizes` its per-rank batch 
 
 `--check-order` also has every rank dump its actor set (MS_DEV_SAVE_GRAPHS=1; ~50 MB per
 rank, deleted after each run) and reads from it the order in which the runtime's control
-arrows make that rank issue its all-reduces (tests/actor_dump.py): per run, "same" if every
-rank's all-reduces form control-arrow chains and the chains are identical on all ranks,
-"differ" or "unchained" otherwise (the run's outcome can then be luck).
+arrows make that rank issue its all-reduces (tests/actor_dump.py): per run, "same" if the
+chains of all-reduces linked by kernel control arrows are identical on all ranks, "differ"
+or "unchained" otherwise, and the chain lengths ("5+10x1": the five backward all-reduces in
+one chain, ten forward ones alone in their kernel graphs, which run one after another).
+All-reduces in different chains are ordered only by MindSpore's control-flow actors between
+kernel graphs, or not at all (the run's outcome can then be luck).
 """
 import argparse
 import os
@@ -25,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from tests.actor_dump import allreduce_chains, rank_dumps, read_actor_dump
@@ -47,14 +51,20 @@ def classify(result):
 
 
 def collective_order(save_graphs_path, ranks):
-    """'same', 'differ', 'unchained' or 'no dump': the runtime's all-reduce order on every rank."""
+    """('same' | 'differ' | 'unchained' | 'no dump', chain lengths): the order the runtime's
+    control arrows impose on every rank's all-reduces, and how they group into chains on
+    rank 0 (e.g. "5+10x1": five all-reduces in one chain, ten alone in their kernel graphs)."""
     dumps = rank_dumps(save_graphs_path)
     if sorted(dumps) != list(range(ranks)):
-        return "no dump"
-    chains = [allreduce_chains(read_actor_dump(dumps[rank])) for rank in range(ranks)]
-    if not all(chain.chained for rank_chains in chains for chain in rank_chains):
-        return "unchained"
-    return "same" if all(c == chains[0] for c in chains) else "differ"
+        return "no dump", ""
+    chains = [[(path.name, allreduce_chains(read_actor_dump(path))) for path in dumps[rank]]
+              for rank in range(ranks)]
+    lengths = sorted((len(chain.kernels) for _, graph in chains[0] for chain in graph), reverse=True)
+    shape = "+".join(f"{n}x{length}" if n > 1 else f"{length}"
+                     for length, n in sorted(Counter(lengths).items(), reverse=True))
+    if not all(chain.chained for rank_chains in chains for _, graph in rank_chains for chain in graph):
+        return "unchained", shape
+    return ("same" if all(c == chains[0] for c in chains) else "differ"), shape
 
 
 def start_load(processes):
@@ -102,10 +112,10 @@ def main():
                         counts["passed" if outcome == "pass" else outcome] += 1
                         order = ""
                         if args.check_order:
-                            order = collective_order(ir_dir, ranks)
+                            order, shape = collective_order(ir_dir, ranks)
                             orders[order] = orders.get(order, 0) + 1
                             shutil.rmtree(ir_dir, ignore_errors=True)
-                            order = f", all-reduce order across ranks: {order}"
+                            order = f", all-reduce order across ranks: {order}, chains {shape}"
                         print(f"ranks {ranks} load {load} run {run}: {outcome} "
                               f"({result.elapsed:.0f} s{order})", flush=True)
                 finally:
