@@ -4,11 +4,12 @@ MindSpore 2.10's graph scheduler chains the communication kernels of a kernel gr
 control arrows in that graph's execution order (GraphScheduler::LinkControlArrowByCommunicationNode,
 backend/ms_backend/runtime/graph_scheduler), and the execution order depends only on the
 graph's structure (ExecOrderBuilder), which is the same on every rank. Collectives in
-different kernel graphs are ordered only by control-flow actors: when the layer's backward
-raised from an `if`, every collective got a kernel graph of its own and the backward
-all-reduces of parallel branches were paired across layers in 4 of 5 runs of
-tests/workers/repro_graph_parallel_branches.py (README, Known issues). This test keeps that
-from coming back: one process compiles a residual block with SyncBatchNorms on parallel
+different kernel graphs are ordered only by control-flow actors: in two earlier versions of
+the layer (an `if` in the backward; before that, no check at all) every collective got a
+kernel graph of its own, and the backward all-reduces of parallel branches were paired across
+layers in 4 of 5 and 5 of 6 runs of tests/workers/repro_graph_parallel_branches.py (README,
+Known issues); this test fails on both layouts. It keeps them from coming back: one process
+compiles a residual block with SyncBatchNorms on parallel
 branches (tests/workers/backward_collective_placement.py: a stand-in collective where the
 AllReduce kernels go) and the backward's stand-ins must all sit in the one kernel graph that
 holds the backward kernels. The chain itself, on real ranks, is what
