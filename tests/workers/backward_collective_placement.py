@@ -1,4 +1,4 @@
-"""One process, no init(): where a compiled step puts the layers' collectives (tests/test_collective_placement.py).
+"""One process, no init(): where a compiled step puts the layers' collectives (test_collective_placement).
 
     MS_DEV_SAVE_GRAPHS=1 MS_DEV_SAVE_GRAPHS_PATH=DIR python tests/workers/backward_collective_placement.py
 
