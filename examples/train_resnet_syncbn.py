@@ -244,10 +244,11 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=8,
                         help="images per rank and step (default 8)")
     parser.add_argument("--mode", choices=("pynative", "graph"), default="pynative",
-                        help="MindSpore execution mode (default pynative). Known issue: in "
-                             "graph mode on CPU the SyncBatchNorms of parallel branches (this "
-                             "ResNet's shortcut) can all-reduce in a different order on "
-                             "different ranks; the step then stops with guard code 4")
+                        help="MindSpore execution mode (default pynative). In graph mode "
+                             "MindSpore's runtime issues the collectives of parallel branches "
+                             "(this ResNet's shortcut) in one order on every rank (README, Known "
+                             "issues); were two layers' ever paired, the step stops with guard "
+                             "code 4")
     parser.add_argument("--lr", type=float, default=0.03, help="learning rate (default 0.03)")
     parser.add_argument("--loss-scale", type=float, default=128.0,
                         help="fixed loss scale with --amp O1-O3 (default 128)")

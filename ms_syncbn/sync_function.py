@@ -97,8 +97,8 @@ class SyncBatchNormFunction(Float32Cell):
         super().__init__()
         # The backward payload carries a fingerprint of the layer application (see the
         # module docstring) to catch collectives of two layers paired with each other
-        # (compiled graphs may issue the backward collectives of parallel branches in any
-        # order).
+        # (a compiled step orders them only while they share a kernel graph: README, Known
+        # issues; control flow around a layer can separate them).
         self.check_pairing = all_reduce is not None
         self.fingerprint_modulus = Tensor(
             [float(min(FINGERPRINT_MODULUS, (2 ** 24 - 1) // max(group_size, 1)))], ms.float32)
