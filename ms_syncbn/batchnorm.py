@@ -7,7 +7,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
 from ms_syncbn.comm import all_reduce_sum, resolve_group
-from ms_syncbn.kernels import kernels_for
+from ms_syncbn.kernels import guard_message, kernels_for
 from ms_syncbn.precision import Float32Cell
 from ms_syncbn.sync_function import FrozenStatsNormalize, SyncBatchNormFunction
 
@@ -112,7 +112,11 @@ class SyncBatchNorm(Float32Cell):
             branches' backward passes in different orders). The step stops in the guard
             kernel; the message (also written to stderr) names the check, the layer (its
             path in the model) and the causes that fit
-            (:data:`ms_syncbn.kernels.GUARD_MEANINGS`).
+            (:data:`ms_syncbn.kernels.GUARD_MEANINGS`). On Ascend the guard cannot raise
+            without a device-to-host read per layer and step: it makes that step's outputs
+            and gradients NaN instead, and codes 2 and 3 are kept in the layer's
+            ``guard_code`` buffer, which :func:`ms_syncbn.check_guard_codes` and the
+            ``Model.train`` callback :class:`ms_syncbn.GuardCodeCheck` raise by name.
 
     Supported Platforms:
         ``Ascend`` ``CPU``
@@ -177,6 +181,12 @@ class SyncBatchNorm(Float32Cell):
         # Only ever set from all-reduced values, so it is identical on every rank.
         self.stat_shift = Parameter(Tensor(np.zeros((num_features,), np.float32)),
                                     name="stat_shift", requires_grad=False)
+        # The largest guard code that stopped one of this layer's training steps (0: none).
+        # Tables whose guard poisons instead of raising (Ascend) leave the error here, to be
+        # read off the hot path and raised by name (ms_syncbn.guard_check).
+        self.guard_code = Parameter(Tensor(np.zeros((1,), np.float32)), name="guard_code",
+                                    requires_grad=False)
+        self.guard_where = None  # the layer as the guard's errors name it (_describe)
         self._ones = Tensor(np.ones((num_features,), np.float32))
         self._zeros = Tensor(np.zeros((num_features,), np.float32))
         self._momentum = Tensor([0.0 if momentum is None else momentum], ms.float32)
@@ -204,10 +214,20 @@ class SyncBatchNorm(Float32Cell):
             return
         self._described_as = name
         path = name[:-len(".stat_shift")] if name.endswith(".stat_shift") else ""
-        where = (f"{path!r} " if path else "(not attached to a model: no path) ") + (
+        self.guard_where = (f"{path!r} " if path else "(not attached to a model: no path) ") + (
             f"SyncBatchNorm(num_features={self.num_features}) on process group {self.group_label} "
             f"of {self.group_size} ranks")
-        self.group_stats.describe(where)
+        self.group_stats.describe(self.guard_where)
+
+    def guard_error(self):
+        """The error of the code kept in ``guard_code`` (the largest guard code that stopped one
+        of this layer's training steps without raising, see ms_syncbn.guard_check), or None if
+        no step was stopped. Reads the buffer on the host."""
+        code = float(self.guard_code.asnumpy()[0])
+        if code == 0.0:
+            return None
+        self._describe()
+        return guard_message(code, self.guard_where)
 
     def update_parameters_name(self, prefix='', recurse=True):
         super().update_parameters_name(prefix, recurse)
@@ -295,8 +315,8 @@ class SyncBatchNorm(Float32Cell):
         a CPU graph, and a host read would stall PyNative's dispatch at every layer.
         """
         weight, bias = self._affine_params()
-        y, mean, _, var, count, ok = self.group_stats(x, weight, bias, self.stat_shift)
-        self._update_state(mean, var, count, ok)
+        y, mean, _, var, count, code = self.group_stats(x, weight, bias, self.stat_shift)
+        self._update_state(mean, var, count, code)
         return y
 
     def _eval_body(self, x):
@@ -309,10 +329,12 @@ class SyncBatchNorm(Float32Cell):
         y, _, _, _, _, _ = self.local_batch_stats(x, weight, bias, self.stat_shift)
         return y
 
-    def _update_state(self, mean, var, count, kept):
+    def _update_state(self, mean, var, count, code):
         """Shift and running statistics from the group statistics of one training step.
 
-        Nothing changes unless `kept` (1,) bool. A channel is updated only if the group
+        Nothing changes unless the guard `code` (1,) is 0; a code other than 0 is kept in
+        ``guard_code`` (the largest so far), where ms_syncbn.guard_check finds it when the
+        table's guard stopped the step without raising. A channel is updated only if the group
         batch is non-empty and its mean and variance are finite: NaN or Inf in a batch
         shows in that step's output and loss, but never reaches the state that later
         steps and evaluation use. (One ``update_stats`` kernel: the arithmetic is stated
@@ -330,8 +352,12 @@ class SyncBatchNorm(Float32Cell):
                 factor = self._momentum
         else:  # only the shift is kept
             running_mean, running_var, factor = self.stat_shift, self.stat_shift, self._momentum
+        code = ops.stop_gradient(code)
+        if self.group_stats.synchronized:  # static: without a group the code is always 0
+            ops.assign(self.guard_code, ops.maximum(self.guard_code, code))
+        kept = (code == 0.0).astype(ms.float32)  # (1,) 1 or 0
         new_state = self.update_stats(ops.stop_gradient(mean), ops.stop_gradient(var),
-                                      ops.stop_gradient(count), kept.astype(ms.float32),
+                                      ops.stop_gradient(count), kept,
                                       self.stat_shift, running_mean, running_var, factor)  # (3C+1,)
         ops.assign(self.stat_shift, new_state[:channels])
         if self.track_running_stats:

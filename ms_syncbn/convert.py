@@ -17,7 +17,7 @@ path in the model as prefix, e.g. ``layer1.0.bn1.weight``):
 layer                  gamma       beta        running mean      running variance       others
 =====================  ==========  ==========  ================  =====================  =====================
 SyncBatchNorm          weight      bias        running_mean      running_var            num_batches_tracked,
-                                                                                        stat_shift
+                                                                                        stat_shift, guard_code
 mint.nn.BatchNorm*d    weight      bias        running_mean      running_var            num_batches_tracked
 nn.BatchNorm1d/2d      gamma       beta        moving_mean       moving_variance
 nn.BatchNorm3d         bn2d.gamma  bn2d.beta   bn2d.moving_mean  bn2d.moving_variance
@@ -113,6 +113,7 @@ def _layer_slots(cell, path: str) -> Optional[_LayerSlots]:
         params = {slot: getattr(cell, slot) for slot in names}
         if isinstance(cell, SyncBatchNorm):
             params["stat_shift"] = cell.stat_shift
+            params["guard_code"] = cell.guard_code
         prefix = _first_prefix([(p, slot) for slot, p in params.items()], fallback)
         return _LayerSlots(prefix, params)
     if _known_base(cell, _NN_BATCHNORM_DIMS) is not None:
@@ -258,7 +259,8 @@ def _to_sync(cell, path, memo, process_group):
 
 
 def _sync_param_items(sync):
-    names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked", "stat_shift")
+    names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked", "stat_shift",
+             "guard_code")
     return [(name, getattr(sync, name)) for name in names]
 
 
@@ -291,10 +293,10 @@ def convert_sync_batchnorm(cell, process_group=None):
     - ``mint.nn.BatchNorm*d`` arguments and parameters carry over one to one.
     - Parameter names stay those the model saves checkpoints under: the layer's path plus
       the SyncBatchNorm names (``weight``, ``bias``, ``running_mean``, ``running_var``,
-      ``num_batches_tracked``, ``stat_shift``). They equal ``mint.nn.BatchNorm*d``'s; a
-      checkpoint of an ``nn.BatchNorm*d`` model (``gamma``, ``beta``, ``moving_mean``,
-      ``moving_variance``) loads after :func:`remap_batchnorm_checkpoint`, or load it
-      into the model before converting it.
+      ``num_batches_tracked``; ``stat_shift`` and ``guard_code`` are SyncBatchNorm's own).
+      They equal ``mint.nn.BatchNorm*d``'s; a checkpoint of an ``nn.BatchNorm*d`` model
+      (``gamma``, ``beta``, ``moving_mean``, ``moving_variance``) loads after
+      :func:`remap_batchnorm_checkpoint`, or load it into the model before converting it.
     - Each new layer records the dimensionality of the layer it replaced in its
       ``revert_dims`` attribute, for :func:`revert_sync_batchnorm`.
 
@@ -327,7 +329,7 @@ def convert_sync_batchnorm(cell, process_group=None):
         >>> print(type(net[1]).__name__, net[1].momentum)
         SyncBatchNorm 0.1
         >>> print([p.name for p in net[1].get_parameters()])
-        ['1.weight', '1.bias', '1.running_mean', '1.running_var', '1.num_batches_tracked', '1.stat_shift']
+        ['1.weight', '1.bias', '1.running_mean', '1.running_var', '1.num_batches_tracked', '1.stat_shift', '1.guard_code']
     """
     if not isinstance(cell, nn.Cell):
         raise TypeError(f"convert_sync_batchnorm: cell must be a mindspore.nn.Cell, but got "
@@ -417,10 +419,11 @@ def revert_sync_batchnorm(cell, default_dims=2, layer_family=None):
     The layer family is ``mint.nn.BatchNorm*d`` (same parameter names as SyncBatchNorm)
     where mint's batch-norm kernels exist (Ascend), and ``nn.BatchNorm*d`` elsewhere
     (CPU), whose parameters are named ``gamma``, ``beta``, ``moving_mean`` and
-    ``moving_variance`` (the ``stat_shift`` buffer is dropped; it only centres the
-    synchronized sums). Momentum is translated to ``nn``'s convention (``1 - momentum``);
-    ``momentum=None`` (cumulative average), which ``nn.BatchNorm*d`` cannot express,
-    becomes the weight of the next update, with a warning. ``track_running_stats=False``
+    ``moving_variance`` (the ``stat_shift`` and ``guard_code`` buffers are dropped: they only
+    centre the synchronized sums and keep a stopped step's error code). Momentum is
+    translated to ``nn``'s convention (``1 - momentum``); ``momentum=None`` (cumulative
+    average), which ``nn.BatchNorm*d`` cannot express, becomes the weight of the next
+    update, with a warning. ``track_running_stats=False``
     becomes ``use_batch_statistics=True`` there.
 
     Args:
@@ -499,7 +502,8 @@ def remap_batchnorm_checkpoint(param_dict, cell):
     other entry is kept unchanged (``mindspore.load_param_into_net`` ignores the ones the
     model does not have, e.g. ``stat_shift`` when loading into a plain layer). Parameters
     absent from every layout keep their values when loading: ``num_batches_tracked`` (only
-    used with ``momentum=None``) and ``stat_shift`` (re-centred on the next batch).
+    used with ``momentum=None``), ``stat_shift`` (re-centred on the next batch) and
+    ``guard_code`` (0 in a new layer).
 
     Args:
         param_dict (dict): Name -> Parameter, e.g. from ``mindspore.load_checkpoint``.

@@ -83,14 +83,16 @@ class SyncBatchNormFunction(Float32Cell):
 
     Outputs:
         Tuple of 6 tensors: y (like x), mean (C,), invstd (C,), biased var (C,), count (1,),
-        statistics over the whole group, and ok (1,) bool, all identical on every rank; only
-        y carries a gradient. ok is False when the step must not count: the ranks' layers
-        disagree on num_features (nothing else is meaningful then) or the group's batch holds
-        one value per channel. Such a step is stopped by the table's guard kernel, without a
-        branch on a tensor (a branch costs about a millisecond per layer and step in a CPU
-        graph, and a device-to-host round trip on Ascend): the CPU guard raises a
-        RuntimeError carrying the code; the Ascend guard makes invstd, and so y and the
-        gradients, NaN. The caller must not update any state unless ok.
+        statistics over the whole group, and code (1,) float32, all identical on every rank;
+        only y carries a gradient. code is the guard code that stops the step (0: none;
+        GUARD_CHANNELS_DIFFER: the ranks' layers disagree on num_features, and nothing else
+        is meaningful then; GUARD_SINGLE_VALUE: the group's batch holds one value per
+        channel). Such a step is stopped by the table's guard kernel, without a branch on a
+        tensor (a branch costs about a millisecond per layer and step in a CPU graph, and a
+        device-to-host round trip on Ascend): the CPU guard raises a RuntimeError carrying
+        the code; the Ascend guard makes invstd, and so y and the gradients, NaN, and the
+        caller keeps the code for a later, named error (ms_syncbn.guard_check). The caller
+        must not update any state unless code is 0.
     """
 
     def __init__(self, kernels, eps, all_reduce=None, group_size=1):
@@ -157,11 +159,10 @@ class SyncBatchNormFunction(Float32Cell):
             single_value = (count == 1.0).astype(ms.float32) * (1.0 - channels_differ)  # (1,) 0/1
             code = channels_differ * GUARD_CHANNELS_DIFFER + single_value * GUARD_SINGLE_VALUE
             invstd = self.stop_if(invstd, code)
-            ok = code == 0.0
         else:  # one value per channel is caught from the shape before any kernel runs
-            ok = ops.ones((1,), ms.bool_)
+            code = ops.zeros((1,), ms.float32)
         y = self.normalize(x, mean, invstd, weight, bias)
-        return y, mean, invstd, var, count, ok
+        return y, mean, invstd, var, count, code
 
     def _group_moments_stats(self, x):
         """x (N, C, *) -> mean, invstd, var (C,), channels differ (1,) 0/1, count (1,): the

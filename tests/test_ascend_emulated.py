@@ -15,6 +15,7 @@ What this proves and what it cannot (real aclnn numerics, HCCL, speed): README,
 import numpy as np
 import pytest
 
+from ms_syncbn.kernels import GUARD_SINGLE_VALUE, guard_message
 from tests.harness import scenario_jobs
 from tests.test_sync_multiprocess import (LARGE_MEAN_VAR_TOL, STATS_TOL, _check_group,
                                           _groups, _load)
@@ -61,6 +62,9 @@ def test_ascend_table_equals_full_batch_reference(jobs, job, scenario):
         # re-centred shifted sums reach 2e-5).
         stats_tol = LARGE_MEAN_VAR_TOL if scenario.endswith("large_mean") else STATS_TOL
         _check_group(scenario, group, members, stats_tol=stats_tol)
+        for meta, arrays in members:  # no step was stopped
+            np.testing.assert_array_equal(arrays["guard_code"], [0.0])
+            assert meta["guard_error"] is None, meta
 
 
 @pytest.mark.parametrize("job, scenario", [("emulated_pynative_2ranks", "large_mean"),
@@ -79,7 +83,8 @@ def test_ascend_table_large_mean_variance_within_1e4_relative(jobs, job, scenari
 
 def test_ascend_table_one_value_poisons_the_step_on_every_rank(jobs):
     """One value per channel in the group's batch: the Ascend guard (composite, no branch) makes
-    that step's outputs and gradients NaN on every rank, and leaves the state unchanged."""
+    that step's outputs and gradients NaN on every rank, leaves the state unchanged, and every
+    rank's layer keeps guard code 3, whose error (ms_syncbn.guard_check) names the layer."""
     ranks = _load(jobs("emulated_pynative_2ranks"), "one_value", 2)
     for meta, arrays in ranks:
         assert meta["status"] == "ok", meta.get("traceback")
@@ -89,3 +94,8 @@ def test_ascend_table_one_value_poisons_the_step_on_every_rank(jobs):
         np.testing.assert_array_equal(arrays["running_mean0"], np.zeros(3, np.float32))
         np.testing.assert_array_equal(arrays["running_var0"], np.ones(3, np.float32))
         assert int(arrays["num_batches_tracked0"]) == 0, f"rank {meta['rank']}"
+        np.testing.assert_array_equal(arrays["guard_code"], [GUARD_SINGLE_VALUE])
+        # the world group's name depends on the backend: the message around it is fixed
+        head, tail = guard_message(GUARD_SINGLE_VALUE, "'layer' SyncBatchNorm(num_features=3) "
+                                   "on process group GROUP").split("GROUP")  # the driver's path
+        assert meta["guard_error"].startswith(head) and meta["guard_error"].endswith(tail), meta

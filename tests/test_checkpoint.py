@@ -1,7 +1,7 @@
 """Checkpoints: SyncBatchNorm <-> mint.nn.BatchNorm2d, nn.BatchNorm2d models, msrun -> one process.
 
 * A SyncBatchNorm checkpoint loads into mint.nn.BatchNorm2d (same names; only the
-  ``stat_shift`` buffer is left over) and a mint checkpoint loads back.
+  ``stat_shift`` and ``guard_code`` buffers are left over) and a mint checkpoint loads back.
 * nn.BatchNorm2d checkpoints (gamma/beta/moving_*) load into converted models and
   converted checkpoints into reverted models through remap_batchnorm_checkpoint.
 * A model trained on 2 ranks under msrun saves ONE checkpoint that loads into a
@@ -70,7 +70,7 @@ def test_syncbn_checkpoint_loads_into_mint_batchnorm2d_and_back(tmp_path):
 
     plain = Holder(mint.nn.BatchNorm2d(CHANNELS))
     not_loaded, unused = ms.load_param_into_net(plain, ms.load_checkpoint(str(tmp_path / "sync.ckpt")))
-    assert not_loaded == [] and unused == ["bn.stat_shift"]
+    assert not_loaded == [] and unused == ["bn.stat_shift", "bn.guard_code"]
     saved = values(sync)
     for name, value in values(plain).items():
         np.testing.assert_array_equal(value, saved[name], err_msg=name)
@@ -79,10 +79,11 @@ def test_syncbn_checkpoint_loads_into_mint_batchnorm2d_and_back(tmp_path):
     ms.save_checkpoint(plain, str(tmp_path / "mint.ckpt"))
     back = Holder(SyncBatchNorm(CHANNELS))
     not_loaded, unused = ms.load_param_into_net(back, ms.load_checkpoint(str(tmp_path / "mint.ckpt")))
-    assert not_loaded == ["bn.stat_shift"] and unused == []  # derived state, re-centred on use
+    # derived state, re-centred on use; no step of the new layer was stopped
+    assert not_loaded == ["bn.stat_shift", "bn.guard_code"] and unused == []
     saved = values(plain)
     for name, value in values(back).items():
-        if name != "bn.stat_shift":
+        if name not in ("bn.stat_shift", "bn.guard_code"):
             np.testing.assert_array_equal(value, saved[name], err_msg=name)
     x = np.random.default_rng(3).normal(1.0, 2.0, size=(5, CHANNELS, 3, 3)).astype(np.float32)
     expected = reference.forward(x, saved["bn.weight"], saved["bn.bias"], 1e-5,
@@ -104,7 +105,7 @@ def test_nn_batchnorm_checkpoint_loads_into_converted_model_after_remap(tmp_path
     not_loaded, _ = ms.load_param_into_net(converted, remap_batchnorm_checkpoint(params, converted))
     assert sorted(not_loaded) == sorted(
         f"{layer}.{buf}" for layer in ("input_bn", "features.1")
-        for buf in ("num_batches_tracked", "stat_shift")), not_loaded
+        for buf in ("num_batches_tracked", "stat_shift", "guard_code")), not_loaded
 
     x = job.eval_input()
     np.testing.assert_allclose(eval_output(converted, x), eval_output(original, x),

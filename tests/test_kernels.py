@@ -31,7 +31,7 @@ import mindspore as ms
 from mindspore import nn
 
 from ms_syncbn.kernels import (GUARD_CODES, GUARD_MEANINGS, GUARD_MISPAIRED, GUARD_SINGLE_VALUE,
-                               guard_text)
+                               guard_message, guard_text)
 from ms_syncbn.kernels.composite import FinalizeStats as CompositeFinalizeStats
 from ms_syncbn.kernels.composite import Fingerprint as CompositeFingerprint
 from ms_syncbn.kernels.composite import Guard as CompositeGuard, UpdateStats as CompositeUpdateStats
@@ -561,11 +561,11 @@ def test_collective_payload_is_3c_plus_2_then_2c_plus_1_whatever_the_world_size(
     # [shifted sums (3C+1) | num_features check (1)] forward, [grad sums (2C) | layer tag (1)]
     # backward: the two check slots turn mismatched layers into errors.
     assert recorder.payloads == [((3 * channels + 2,), ms.float32), ((2 * channels + 1,), ms.float32)]
-    _, mean, invstd, var, count, ok = function(x, weight, bias, shift)
+    _, mean, invstd, var, count, code = function(x, weight, bias, shift)
     np.testing.assert_allclose(mean.asnumpy(), x64.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var.asnumpy(), x64.var(axis=(0, 2, 3)), rtol=1e-5)
     assert count.asnumpy()[0] == world_size * x64.size // channels
-    np.testing.assert_array_equal(ok.asnumpy(), [True])
+    np.testing.assert_array_equal(code.asnumpy(), [0.0])  # no guard code
 
 
 @pytest.mark.parametrize("channels", [1, 5, 64, 257])
@@ -615,6 +615,21 @@ def test_guard_raises_naming_the_layer_and_saying_what_the_code_means(kernels, c
                f"'net.block.bn' SyncBatchNorm(num_features=3): {GUARD_MEANINGS[code]}.")
     assert message in str(info.value), str(info.value)
     assert message in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("code", GUARD_CODES)
+def test_guard_message_is_the_text_the_cpu_guard_raises(code):
+    """Errors raised later, in Python, for a step the Ascend guard poisoned (guard_message,
+    ms_syncbn.guard_check) read exactly as the CPU kernel's."""
+    where = "'net.block.bn' SyncBatchNorm(num_features=3) on process group 'g' of 2 ranks"
+    text = guard_text(where)
+    with pytest.raises(RuntimeError) as info:
+        cpu_kernels().guard(ms.Tensor(np.ones(3, np.float32)),
+                            ms.Tensor(np.concatenate(([code], text)).astype(np.float32))).asnumpy()
+    raised = str(info.value)
+    message = guard_message(code, where)
+    assert message.startswith(f"ms_syncbn SyncBatchNorm error {int(code)} in layer {where}: ")
+    assert message in raised, (message, raised)
 
 
 def test_guard_without_text_gives_the_code_and_where_its_meaning_is(kernels):

@@ -111,6 +111,16 @@ def guard_text(where: str) -> np.ndarray:
     return np.frombuffer(data, np.uint8).astype(np.float32)
 
 
+def guard_message(code: float, where: str) -> str:
+    """The error of guard code `code` for the layer described by `where`: the text the CPU
+    ``Guard`` kernel raises (ops/cpu/syncbn_cpu.cc), for errors raised later, in Python
+    (ms_syncbn.guard_check)."""
+    k = int(code) if 1.0 <= code < 1000.0 else 1
+    meaning = GUARD_MEANINGS.get(float(k), "see ms_syncbn.kernels.GUARD_MEANINGS")
+    place = f" in layer {where}" if where else ""
+    return f"ms_syncbn SyncBatchNorm error {k}{place}: {meaning}."
+
+
 class BatchNormKernels(NamedTuple):
     """One backend's implementation of the kernel contracts above."""
 

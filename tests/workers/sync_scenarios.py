@@ -156,6 +156,11 @@ def run_scenario(name, spec, rank, created_groups):
                            if value is not None})
         except Exception as state_err:  # graph mode may report the error again here
             meta["state_error"] = f"{type(state_err).__name__}: {state_err}"
+    try:  # the guard code a stopped step left (ms_syncbn.guard_check), and its error
+        arrays["guard_code"] = layer.guard_code.asnumpy()
+        meta["guard_error"] = layer.guard_error()
+    except Exception as guard_err:
+        meta["guard_error_failed"] = f"{type(guard_err).__name__}: {guard_err}"
     return meta, arrays
 
 
