@@ -106,11 +106,12 @@ def global_batch(step, size):
 
 
 def state(net):
-    """{SyncBatchNorm name: value} of every parameter and running statistic (no stat_shift)."""
+    """{SyncBatchNorm name: value} of every parameter and running statistic (not SyncBatchNorm's
+    own stat_shift and guard_code)."""
     out = {}
     for param in net.get_parameters():
         prefix, _, leaf = param.name.rpartition(".")
-        if leaf in ("stat_shift", "num_batches_tracked"):
+        if leaf in ("stat_shift", "num_batches_tracked", "guard_code"):
             continue
         out[f"{prefix}.{CANONICAL.get(leaf, leaf)}"] = param.asnumpy().astype(np.float32).copy()
     return out
