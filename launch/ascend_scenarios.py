@@ -6,7 +6,9 @@ Three msrun jobs on this node's NPUs, with the layer's own (Ascend) kernel table
 2 ranks in PyNative, 2 ranks in graph mode, 4 ranks in graph mode (with subgroups), the
 scenarios of tests/test_ascend_emulated.py. Each scenario's results are checked against
 the float64 reference on the concatenated batch exactly as the tests check the CPU and
-emulated runs; one line PASS/FAIL per job and scenario, exit status 0 only if all pass.
+emulated runs (the one-value scenario: the guard stops that step without raising, its
+outputs are NaN, the state is unchanged and every rank keeps guard code 3, named); one line
+PASS/FAIL per job and scenario, exit status 0 only if all pass.
 Without an Ascend NPU (no /dev/davinci* device, or a MindSpore without Ascend support)
 it says so and exits 2.
 """
@@ -24,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 JOBS = {  # name: (ranks, mode, scenarios); the emulated tier's scenarios
     "pynative_2ranks": (2, "pynative", ["uneven_4d", "empty_rank", "all_empty", "large_mean",
                                         "float16", "bfloat16", "float64", "affine_false_cma",
-                                        "untracked", "rank2", "rank5"]),
+                                        "untracked", "rank2", "rank5", "one_value"]),
     "graph_2ranks": (2, "graph", ["uneven_4d", "empty_rank", "all_empty", "large_mean", "float16",
                                   "bfloat16", "float64", "rank3"]),
     "graph_4ranks": (4, "graph", ["world4_uneven", "world4_all_empty", "world4_large_mean",
@@ -57,7 +59,7 @@ def main():
         print(f"ascend_scenarios: cannot run: {why}. Nothing was tested.", file=sys.stderr)
         return 2
     from tests.harness import run_msrun
-    from tests.test_ascend_emulated import LARGE_MEAN_VAR_TOL, STATS_TOL
+    from tests.test_ascend_emulated import LARGE_MEAN_VAR_TOL, STATS_TOL, check_one_value_stopped
     from tests.test_sync_multiprocess import JobOutcome, _check_group, _groups, _load
 
     out = Path(args.out or tempfile.mkdtemp(prefix="ascend_scenarios_"))
@@ -77,6 +79,10 @@ def main():
             print(f"{job}: msrun timed out after {args.timeout} s", flush=True)
         for scenario in scenarios:
             try:
+                if scenario == "one_value":  # stopped by the guard: NaN, state kept, code 3 kept
+                    check_one_value_stopped(_load(outcome, scenario, world))
+                    print(f"PASS {job} {scenario}", flush=True)
+                    continue
                 for group, members in _groups(_load(outcome, scenario, world)).items():
                     for meta, _ in members:
                         assert meta["status"] == "ok", f"rank {meta['rank']}: {meta.get('message')}"
