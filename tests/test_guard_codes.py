@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from ms_syncbn.kernels import GUARD_CHANNELS_DIFFER, GUARD_SINGLE_VALUE, guard_message
+from tests import reference
 
 WORKER = Path(__file__).resolve().parent / "workers" / "guard_codes.py"
 RUNS = [(mode, table) for table in ("ascend", "cpu") for mode in ("pynative", "graph")]
@@ -59,6 +60,16 @@ def test_ascend_stopped_steps_keep_their_code_and_raise_it_by_name(results, mode
     layers = direct["layers"]
     assert layers["healthy"]["guard_code"] == 0.0 and layers["healthy"]["guard_error"] is None
     assert layers["healthy"]["num_batches_tracked"] == 1
+    # The healthy layer's step against float64: the group batch is the local one twice (the
+    # stand-in's other rank holds the same batch and upstream gradient); this rank's slice.
+    x = np.array(direct["healthy_inputs"]["x"], np.float64)
+    dy = np.array(direct["healthy_inputs"]["dy"], np.float64)
+    group_x, group_dy = np.concatenate([x, x]), np.concatenate([dy, dy])
+    want_dx = reference.backward(group_x, group_dy, np.ones(3), 1e-5)[0][:len(x)]
+    np.testing.assert_allclose(dx_healthy, want_dx, rtol=1e-4, atol=1e-5)
+    want_mean, want_var = reference.running_update(np.zeros(3), np.ones(3), group_x, 0.1, 1)
+    np.testing.assert_allclose(layers["healthy"]["running_mean"], want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layers["healthy"]["running_var"], want_var, rtol=1e-5)
     expected = {"one_value": GUARD_SINGLE_VALUE, "wider_peer": GUARD_CHANNELS_DIFFER}
     for name, code in expected.items():
         assert layers[name]["guard_code"] == code, (name, layers[name])

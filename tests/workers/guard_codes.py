@@ -128,6 +128,7 @@ def direct_step():
 
     result["step_error"] = error_of(step)
     result["step"] = grads
+    result["healthy_inputs"] = dict(x=inputs[0].asnumpy().tolist(), dy=inputs[3].asnumpy().tolist())
     result["layers"] = {name: layer_record(getattr(net, name))
                         for name in ("healthy", "one_value", "wider_peer")}
     result["check_error"] = error_of(lambda: check_guard_codes(net))
