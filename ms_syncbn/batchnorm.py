@@ -14,23 +14,32 @@ from ms_syncbn.sync_function import FrozenStatsNormalize, SyncBatchNormFunction
 _FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
 
 
+def _check_eps(eps):
+    if not isinstance(eps, float):
+        raise TypeError(f"SyncBatchNorm: eps must be a float, but got {eps!r} of type "
+                        f"{type(eps).__name__}.")
+    if not eps > 0.0:
+        raise ValueError(f"SyncBatchNorm: eps must be positive, but got {eps}.")
+
+
+def _check_momentum(momentum):
+    if momentum is None:
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"SyncBatchNorm: momentum must be a float or None, but got {momentum!r} "
+                        f"of type {type(momentum).__name__}.")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"SyncBatchNorm: momentum must be in range [0, 1], but got {momentum}.")
+
+
 def _check_constructor_args(num_features, eps, momentum, affine, track_running_stats, dtype):
     if isinstance(num_features, bool) or not isinstance(num_features, int):
         raise TypeError(f"SyncBatchNorm: num_features must be an int, but got {num_features!r} "
                         f"of type {type(num_features).__name__}.")
     if num_features < 1:
         raise ValueError(f"SyncBatchNorm: num_features must be at least 1, but got {num_features}.")
-    if not isinstance(eps, float):
-        raise TypeError(f"SyncBatchNorm: eps must be a float, but got {eps!r} of type "
-                        f"{type(eps).__name__}.")
-    if not eps > 0.0:
-        raise ValueError(f"SyncBatchNorm: eps must be positive, but got {eps}.")
-    if momentum is not None:
-        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-            raise TypeError(f"SyncBatchNorm: momentum must be a float or None, but got {momentum!r} "
-                            f"of type {type(momentum).__name__}.")
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"SyncBatchNorm: momentum must be in range [0, 1], but got {momentum}.")
+    _check_eps(eps)
+    _check_momentum(momentum)
     for name, value in (("affine", affine), ("track_running_stats", track_running_stats)):
         if not isinstance(value, bool):
             raise TypeError(f"SyncBatchNorm: {name} must be a bool, but got {value!r} of type "
@@ -71,6 +80,8 @@ class SyncBatchNorm(Float32Cell):
             stability. Default: ``1e-5``.
         momentum (float, optional): Weight of the current batch in the running statistics,
             in [0, 1]; ``None`` uses a cumulative moving average. Default: ``0.1``.
+            `eps` and `momentum` may be set on the built layer, with the same checks; every
+            call reads them (in a compiled graph: the values it was compiled with).
         affine (bool, optional): Whether :math:`\gamma` and :math:`\beta` are learned
             parameters; when ``False`` they are fixed to 1 and 0. Default: ``True``.
         track_running_stats (bool, optional): Whether to keep running statistics. When
@@ -95,7 +106,7 @@ class SyncBatchNorm(Float32Cell):
 
     Raises:
         TypeError: If `num_features` is not an int (a bool is not accepted).
-        TypeError: If `eps` is not a float.
+        TypeError: If `eps` is not a float (also when set on the layer; likewise below).
         TypeError: If `momentum` is neither a float nor None, or `affine` or
             `track_running_stats` is not a bool, or `dtype` is not a floating dtype.
         ValueError: If `num_features` is less than 1, or `eps` is not positive.
@@ -149,8 +160,10 @@ class SyncBatchNorm(Float32Cell):
         _check_constructor_args(num_features, eps, momentum, affine, track_running_stats, dtype)
         group = resolve_group(process_group)
         self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
+        self._eps, self._momentum = eps, momentum
+        # What a step reads of them: (1,) tensors, inputs of the layer's compiled step.
+        self._eps_tensor = Tensor([eps], ms.float32)
+        self._momentum_tensor = Tensor([0.0 if momentum is None else momentum], ms.float32)
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.process_group = process_group
@@ -189,13 +202,12 @@ class SyncBatchNorm(Float32Cell):
         self.guard_where = None  # the layer as the guard's errors name it (_describe)
         self._ones = Tensor(np.ones((num_features,), np.float32))
         self._zeros = Tensor(np.zeros((num_features,), np.float32))
-        self._momentum = Tensor([0.0 if momentum is None else momentum], ms.float32)
 
         kernels = kernels_for(ms.get_context("device_target"))
         self.update_stats = kernels.update_stats
         all_reduce = None if group is None else all_reduce_sum(group)
-        self.group_stats = SyncBatchNormFunction(kernels, eps, all_reduce, self.group_size)
-        self.local_batch_stats = SyncBatchNormFunction(kernels, eps, None)  # eval, untracked
+        self.group_stats = SyncBatchNormFunction(kernels, all_reduce, self.group_size)
+        self.local_batch_stats = SyncBatchNormFunction(kernels, None)  # eval, untracked
         self.frozen_stats = FrozenStatsNormalize(kernels)
         self._described_as = None
         self._describe()
@@ -237,6 +249,35 @@ class SyncBatchNorm(Float32Cell):
         self._describe()
         return super().__call__(*args, **kwargs)
 
+    # eps and momentum are read by every step, as by mint.nn.SyncBatchNorm: setting them after
+    # construction (model code often does, e.g. ``m.eps, m.momentum = 1e-3, 0.03``) takes
+    # effect. In PyNative a change shows at the next call: the values are tensor inputs of the
+    # layer's compiled step, and whether momentum is None a constant it is compiled for. A
+    # graph compiled around the layer (GRAPH_MODE, or a jit of the whole step) keeps the
+    # values it was compiled with, as it does every Python attribute.
+    @property
+    def eps(self):
+        """float: added to the variance before the square root."""
+        return self._eps
+
+    @eps.setter
+    def eps(self, value):
+        _check_eps(value)
+        self._eps = value
+        self._eps_tensor = Tensor([value], ms.float32)
+
+    @property
+    def momentum(self):
+        """float or None: weight of the current batch in the running statistics; None for a
+        cumulative moving average."""
+        return self._momentum
+
+    @momentum.setter
+    def momentum(self, value):
+        _check_momentum(value)
+        self._momentum = value
+        self._momentum_tensor = Tensor([0.0 if value is None else value], ms.float32)
+
     def extend_repr(self):
         return (f"num_features={self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
@@ -264,14 +305,15 @@ class SyncBatchNorm(Float32Cell):
         self._check_input(x)  # plain Python in PyNative: nothing malformed reaches a kernel
         if not self.training:
             if x.dtype == ms.bfloat16:
-                return self._amp_output(self._eval_body(x))
-            return self._amp_output(self._forward_eval(x))
+                return self._amp_output(self._eval_body(x, self._eps_tensor))
+            return self._amp_output(self._forward_eval(x, self._eps_tensor))
         if self.group_size == 1 and x.size == self.num_features:
             raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
                              f"training, but got input of shape {x.shape}.")
+        eps, momentum, cumulative = self._eps_tensor, self._momentum_tensor, self._momentum is None
         if x.dtype == ms.bfloat16:
-            return self._amp_output(self._train_body(x))
-        return self._amp_output(self._forward_train(x))
+            return self._amp_output(self._train_body(x, eps, momentum, cumulative))
+        return self._amp_output(self._forward_train(x, eps, momentum, cumulative))
 
     def add_flags_recursive(self, **flags):
         """Under mixed precision the layer computes in float32 (see ``Float32Cell``) and, as
@@ -298,14 +340,14 @@ class SyncBatchNorm(Float32Cell):
     # runs op by op: PyNative's gradient of a compiled function sums bfloat16 gradients
     # with AddN, which MindSpore has no CPU kernel for.
     @ms.jit
-    def _forward_train(self, x):
-        return self._train_body(x)
+    def _forward_train(self, x, eps, momentum, cumulative):
+        return self._train_body(x, eps, momentum, cumulative)
 
     @ms.jit
-    def _forward_eval(self, x):
-        return self._eval_body(x)
+    def _forward_eval(self, x, eps):
+        return self._eval_body(x, eps)
 
-    def _train_body(self, x):
+    def _train_body(self, x, eps, momentum, cumulative):
         """One training step of the layer: x -> y, and the state updated.
 
         Errors that only the all-reduced sums reveal (the ranks disagree on
@@ -313,23 +355,25 @@ class SyncBatchNorm(Float32Cell):
         the guard kernel, identically on every rank, and leave the state unchanged. No
         branch and no host read: a branch on a tensor costs ~1 ms per layer and step in
         a CPU graph, and a host read would stall PyNative's dispatch at every layer.
+        eps (1,) and momentum (1,) are the layer's; cumulative (a constant) says whether
+        momentum is None.
         """
         weight, bias = self._affine_params()
-        y, mean, _, var, count, code = self.group_stats(x, weight, bias, self.stat_shift)
-        self._update_state(mean, var, count, code)
+        y, mean, _, var, count, code = self.group_stats(x, weight, bias, self.stat_shift, eps)
+        self._update_state(mean, var, count, code, momentum, cumulative)
         return y
 
-    def _eval_body(self, x):
+    def _eval_body(self, x, eps):
         weight, bias = self._affine_params()
         if self.track_running_stats:
             mean = self.running_mean.astype(ms.float32)
-            invstd = ops.rsqrt(self.running_var.astype(ms.float32) + self.eps)
+            invstd = ops.rsqrt(self.running_var.astype(ms.float32) + eps)
             return self.frozen_stats(x, mean, invstd, weight, bias)
         # Evaluation without running statistics: the local batch, no communication.
-        y, _, _, _, _, _ = self.local_batch_stats(x, weight, bias, self.stat_shift)
+        y, _, _, _, _, _ = self.local_batch_stats(x, weight, bias, self.stat_shift, eps)
         return y
 
-    def _update_state(self, mean, var, count, code):
+    def _update_state(self, mean, var, count, code, momentum, cumulative):
         """Shift and running statistics from the group statistics of one training step.
 
         Nothing changes unless the guard `code` (1,) is 0; a code other than 0 is kept in
@@ -346,12 +390,12 @@ class SyncBatchNorm(Float32Cell):
             if self.param_dtype != ms.float32:
                 running_mean, running_var = (running_mean.astype(ms.float32),
                                              running_var.astype(ms.float32))
-            if self.momentum is None:  # cumulative moving average over the batches with data
+            if cumulative:  # momentum None: a cumulative moving average over the batches with data
                 factor = 1.0 / (self.num_batches_tracked + 1).astype(ms.float32).reshape((1,))
             else:
-                factor = self._momentum
+                factor = momentum
         else:  # only the shift is kept
-            running_mean, running_var, factor = self.stat_shift, self.stat_shift, self._momentum
+            running_mean, running_var, factor = self.stat_shift, self.stat_shift, momentum
         code = ops.stop_gradient(code)
         if self.group_stats.synchronized:  # static: without a group the code is always 0
             ops.assign(self.guard_code, ops.maximum(self.guard_code, code))

@@ -70,7 +70,6 @@ class SyncBatchNormFunction(Float32Cell):
 
     Args:
         kernels (BatchNormKernels): The backend's kernel table.
-        eps (float): Added to the variance before the square root.
         all_reduce (Primitive, optional): Summing all-reduce over the group; None for a
             local batch norm with no communication.
         group_size (int): Number of ranks in the group (1 without communication).
@@ -80,6 +79,8 @@ class SyncBatchNormFunction(Float32Cell):
         - **weight** (Tensor) - (C,) float32.
         - **bias** (Tensor) - (C,) float32.
         - **shift** (Tensor) - (C,) float32, identical on every rank of the group.
+        - **eps** (Tensor) - (1,) float32, added to the variance before the square root (an
+          input, not a constant: the layer's eps may change between calls).
 
     Outputs:
         Tuple of 6 tensors: y (like x), mean (C,), invstd (C,), biased var (C,), count (1,),
@@ -95,7 +96,7 @@ class SyncBatchNormFunction(Float32Cell):
         must not update any state unless code is 0.
     """
 
-    def __init__(self, kernels, eps, all_reduce=None, group_size=1):
+    def __init__(self, kernels, all_reduce=None, group_size=1):
         super().__init__()
         # The backward payload carries a fingerprint of the layer application (see the
         # module docstring) to catch collectives of two layers paired with each other
@@ -116,9 +117,9 @@ class SyncBatchNormFunction(Float32Cell):
         self.two_pass = kernels.local_moments is not None
         self.guard = kernels.guard
         self.fingerprint = kernels.fingerprint
-        self.finalize_params = Tensor([float(group_size), eps, RESHIFT_RATIO, RESHIFT_MEAN_TOLERANCE],
-                                      ms.float32)
-        self.eps = eps
+        # finalize_stats' parameters but eps: [group size] and [re-centring ratio | tolerance]
+        self.group_size_value = Tensor([float(group_size)], ms.float32)
+        self.reshift_params = Tensor([RESHIFT_RATIO, RESHIFT_MEAN_TOLERANCE], ms.float32)
         self.all_reduce = all_reduce
         self.group_size = group_size
         self.synchronized = all_reduce is not None
@@ -128,27 +129,30 @@ class SyncBatchNormFunction(Float32Cell):
             return self.all_reduce(local_sums)
         return local_sums
 
-    def _group_stats(self, x, shift):
-        """x (N, C, *), shift (C,) -> (3C+3,) [mean | invstd | var | channels differ | count |
-        needs reshift], the group's statistics (finalize_stats), identical on every rank."""
+    def _group_stats(self, x, shift, finalize_params):
+        """x (N, C, *), shift (C,), finalize_params (4,) -> (3C+3,) [mean | invstd | var |
+        channels differ | count | needs reshift], the group's statistics (finalize_stats),
+        identical on every rank."""
         channels = x.shape[1]
         # (3C+1,) local sums, and one more slot carrying C: ranks whose layers disagree on
         # num_features send buffers of different lengths, which the all-reduce does not
         # detect by itself.
         sums = ops.cat((self.local_stats(x, shift), ops.fill(ms.float32, (1,), float(channels))))
-        return self.finalize_stats(self._group_sum(sums), self.finalize_params)  # (3C+2,) -> (3C+3,)
+        return self.finalize_stats(self._group_sum(sums), finalize_params)  # (3C+2,) -> (3C+3,)
 
-    def construct(self, x, weight, bias, shift):
+    def construct(self, x, weight, bias, shift, eps):
         channels = x.shape[1]
         if self.two_pass:  # a static choice of the kernel table: no branch in the graph
-            mean, invstd, var, channels_differ, count = self._group_moments_stats(x)
+            mean, invstd, var, channels_differ, count = self._group_moments_stats(x, eps)
         else:
-            stats = self._group_stats(x, shift)
+            # (1,), (1,), (2,) -> (4,) [group size | eps | re-centring ratio | tolerance]
+            finalize_params = ops.cat((self.group_size_value, eps, self.reshift_params))
+            stats = self._group_stats(x, shift, finalize_params)
             # The one branch on a tensor: hidden from autodiff by bprop, and rare to be taken.
             # Never with mismatched layers (finalize_stats says no): their sums are garbage, and a
             # second collective could wait forever for the rank whose all-reduce already failed.
             if stats[3 * channels + 2] > 0.5:
-                stats = self._group_stats(x, stats[:channels])
+                stats = self._group_stats(x, stats[:channels], finalize_params)
             mean, invstd, var = (stats[:channels], stats[channels:2 * channels],
                                  stats[2 * channels:3 * channels])
             channels_differ = stats[3 * channels:3 * channels + 1]  # (1,) 0 or 1
@@ -164,8 +168,8 @@ class SyncBatchNormFunction(Float32Cell):
         y = self.normalize(x, mean, invstd, weight, bias)
         return y, mean, invstd, var, count, code
 
-    def _group_moments_stats(self, x):
-        """x (N, C, *) -> mean, invstd, var (C,), channels differ (1,) 0/1, count (1,): the
+    def _group_moments_stats(self, x, eps):
+        """x (N, C, *), eps (1,) -> mean, invstd, var (C,), channels differ (1,) 0/1, count (1,): the
         group's statistics from the ranks' moments, in two all-reduces and without a branch
         (tables with ``local_moments``); identical on every rank.
 
@@ -195,9 +199,9 @@ class SyncBatchNormFunction(Float32Cell):
         deviation = local_mean - mean
         # (C,) -> (C,). An empty rank sends zeros (n_i = 0, m2_i = 0).
         var = self._group_sum(local_m2 + local_count * deviation * deviation) / safe_count
-        return mean, ops.rsqrt(var + self.eps), var, channels_differ, count
+        return mean, ops.rsqrt(var + eps), var, channels_differ, count
 
-    def bprop(self, x, weight, bias, shift, out, dout):
+    def bprop(self, x, weight, bias, shift, eps, out, dout):
         dy = dout[0]
         mean, invstd, count = out[1], out[2], out[4]
         channels = mean.shape[0]
@@ -215,7 +219,7 @@ class SyncBatchNormFunction(Float32Cell):
         else:
             group_sums = self._group_sum(local_sums)
         dx = self.backward_elemt(dy, x, mean, invstd, weight, group_sums, count)
-        return dx, grad_weight, grad_bias, ops.zeros_like(shift)
+        return dx, grad_weight, grad_bias, ops.zeros_like(shift), ops.zeros_like(eps)
 
     def describe(self, where):
         """Name the layer in the errors of the guard kernel: `where` says which layer it is."""

@@ -14,6 +14,7 @@ import pytest
 import mindspore as ms
 
 from ms_syncbn import SyncBatchNorm
+from tests import reference
 from tests.workers.core_checks import (assert_close, batch_stats_step, expected_training,
                                        frozen_stats_step)
 from tests.workers.core_steps import LayerDriver, random_batch, round_to, set_parameters
@@ -78,6 +79,18 @@ def test_momentum_outside_unit_interval_is_value_error(value):
 @pytest.mark.parametrize("value", [None, 0.0, 1.0, 0.25])
 def test_momentum_in_unit_interval_or_none_is_accepted(value):
     assert SyncBatchNorm(3, momentum=value).momentum == value
+
+
+@pytest.mark.parametrize("argument, value, error", [
+    ("eps", 1, TypeError), ("eps", None, TypeError), ("eps", 0.0, ValueError), ("eps", -1e-3, ValueError),
+    ("momentum", "0.1", TypeError), ("momentum", True, TypeError), ("momentum", 1.5, ValueError),
+    ("momentum", -0.1, ValueError)])
+def test_eps_or_momentum_set_to_a_bad_value_raises_and_keeps_the_old_one(argument, value, error):
+    layer = SyncBatchNorm(3, eps=1e-3, momentum=0.2)
+    with pytest.raises(error) as err:
+        setattr(layer, argument, value)
+    _assert_names(err, argument, value)
+    assert (layer.eps, layer.momentum) == (1e-3, 0.2)
 
 
 @pytest.mark.parametrize("argument", ["affine", "track_running_stats"])
@@ -349,6 +362,46 @@ def test_local_float16_parameters(execution):
         assert got["dweight"].dtype == np.float16 and got["dbias"].dtype == np.float16
     assert layer.running_mean.dtype == ms.float16 and layer.running_var.dtype == ms.float16
     _check_local(layer, xs, dys, weight, bias, results, 4e-3)
+
+
+@pytest.mark.parametrize("table", ["cpu", "emulated_ascend"])
+def test_eps_and_momentum_set_after_construction_take_effect(execution, table, monkeypatch):
+    """Model code sets them on built layers (``m.eps, m.momentum = 1e-3, 0.03``); like
+    mint.nn.SyncBatchNorm and torch, every call reads them. Set before the first call they hold
+    in every mode; in PyNative a change between calls holds from the next call (a graph
+    compiled around the layer keeps the values it was compiled with). Both tables: the CPU
+    one passes eps to finalize_stats, the Ascend one (moments protocol) to its own rsqrt.
+    Against the float64 reference; eps 0.5 and 0.05 against variances in [0.25, 4], so a
+    value not taken moves y by percents."""
+    if table == "emulated_ascend":
+        from ms_syncbn import batchnorm
+        from tests.ascend_emulation import emulated_ascend_kernels
+        monkeypatch.setattr(batchnorm, "kernels_for", lambda device_target: emulated_ascend_kernels("a2"))
+    layer = SyncBatchNorm(3)
+    layer.eps, layer.momentum = 0.5, 0.3
+    changes_between_calls = ms.get_context("mode") == ms.PYNATIVE_MODE and not execution
+    schedule = [(0.5, 0.3)] * 2 + [(0.05, None) if changes_between_calls else (0.5, 0.3)] * 2
+    rng = np.random.default_rng(31)
+    weight, bias = rng.uniform(0.5, 2.0, 3), rng.uniform(-1, 1, 3)
+    set_parameters(layer, weight, bias)
+    driver = LayerDriver(layer, jit=execution)
+    running_mean, running_var = np.zeros(3), np.ones(3)
+    for step, (eps, momentum) in enumerate(schedule):
+        layer.eps, layer.momentum = eps, momentum
+        x, dy = random_batch(rng, (6, 3, 5)), rng.standard_normal((6, 3, 5))
+        got = {**driver.train(x, dy), **driver.state()}
+        want = batch_stats_step(x, dy, weight, bias, eps)
+        running_mean, running_var = reference.running_update(running_mean, running_var, x,
+                                                             momentum, step + 1)
+        want.update(running_mean=running_mean, running_var=running_var)
+        for key in ("y", "dx", "dweight", "dbias", "running_mean", "running_var"):
+            assert_close(got[key], want[key], FLOAT32_TOL, f"step {step} {key} (eps {eps}, "
+                                                           f"momentum {momentum})")
+    x, dy = random_batch(rng, (6, 3, 5)), rng.standard_normal((6, 3, 5))
+    want = frozen_stats_step(x, dy, weight, bias, eps, running_mean, running_var)
+    got = driver.evaluate(x, dy)
+    for key in ("y", "dx", "dweight", "dbias"):
+        assert_close(got[key], want[key], FLOAT32_TOL, f"eval {key} (eps {eps})")
 
 
 def test_local_layer_equals_torch_batchnorm_float64(execution):
