@@ -544,7 +544,8 @@ def test_collective_payload_is_3c_plus_2_then_2c_plus_1_whatever_the_world_size(
     # Shift at the batch mean: the steady state, where no re-centring pass is needed.
     shift = ms.Tensor(x64.mean(axis=(0, 2, 3)).astype(np.float32))
     recorder = RecordingAllReduce(world_size)
-    function = SyncBatchNormFunction(kernels, 1e-5, recorder, world_size)
+    function = SyncBatchNormFunction(kernels, recorder, world_size)
+    eps = ms.Tensor([1e-5], ms.float32)
 
     class Step(nn.Cell):
         def __init__(self):
@@ -552,7 +553,7 @@ def test_collective_payload_is_3c_plus_2_then_2c_plus_1_whatever_the_world_size(
             self.function = function
 
         def construct(self, x, weight, bias, shift, dy):
-            y, _, _, _, _, _ = self.function(x, weight, bias, shift)
+            y, _, _, _, _, _ = self.function(x, weight, bias, shift, eps)
             return (y * dy).sum()
 
     grad_fn = ms.grad(Step(), grad_position=0)
@@ -561,7 +562,7 @@ def test_collective_payload_is_3c_plus_2_then_2c_plus_1_whatever_the_world_size(
     # [shifted sums (3C+1) | num_features check (1)] forward, [grad sums (2C) | layer tag (1)]
     # backward: the two check slots turn mismatched layers into errors.
     assert recorder.payloads == [((3 * channels + 2,), ms.float32), ((2 * channels + 1,), ms.float32)]
-    _, mean, invstd, var, count, code = function(x, weight, bias, shift)
+    _, mean, invstd, var, count, code = function(x, weight, bias, shift, eps)
     np.testing.assert_allclose(mean.asnumpy(), x64.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var.asnumpy(), x64.var(axis=(0, 2, 3)), rtol=1e-5)
     assert count.asnumpy()[0] == world_size * x64.size // channels

@@ -85,6 +85,7 @@ class SwappedBackward(nn.Cell):
         self.wa, self.ba = pair.bn_a.weight, pair.bn_a.bias
         self.wb, self.bb = pair.bn_b.weight, pair.bn_b.bias
         self.shift_a, self.shift_b = pair.bn_a.stat_shift, pair.bn_b.stat_shift
+        self.eps_a, self.eps_b = pair.bn_a._eps_tensor, pair.bn_b._eps_tensor
         self.b_first = b_first
 
     def _dout(self, dy, out):  # the upstream gradients of the function's 6 outputs
@@ -93,17 +94,19 @@ class SwappedBackward(nn.Cell):
 
     def construct(self, x, dy):
         xb = x * x
-        out_a = self.fa(x, self.wa, self.ba, self.shift_a)
-        out_b = self.fb(xb, self.wb, self.bb, self.shift_b)
+        out_a = self.fa(x, self.wa, self.ba, self.shift_a, self.eps_a)
+        out_b = self.fb(xb, self.wb, self.bb, self.shift_b, self.eps_b)
         # The upstream gradient of the second backward waits for the first one's dx: the
         # second all-reduce's payload depends on the first all-reduce's result.
         if self.b_first:
-            grads_b = self.fb.bprop(xb, self.wb, self.bb, self.shift_b, out_b, self._dout(dy, out_b))
-            grads_a = self.fa.bprop(x, self.wa, self.ba, self.shift_a, out_a,
+            grads_b = self.fb.bprop(xb, self.wb, self.bb, self.shift_b, self.eps_b, out_b,
+                                    self._dout(dy, out_b))
+            grads_a = self.fa.bprop(x, self.wa, self.ba, self.shift_a, self.eps_a, out_a,
                                     self._dout(ops.depend(dy, grads_b[0]), out_a))
         else:
-            grads_a = self.fa.bprop(x, self.wa, self.ba, self.shift_a, out_a, self._dout(dy, out_a))
-            grads_b = self.fb.bprop(xb, self.wb, self.bb, self.shift_b, out_b,
+            grads_a = self.fa.bprop(x, self.wa, self.ba, self.shift_a, self.eps_a, out_a,
+                                    self._dout(dy, out_a))
+            grads_b = self.fb.bprop(xb, self.wb, self.bb, self.shift_b, self.eps_b, out_b,
                                     self._dout(ops.depend(dy, grads_a[0]), out_b))
         return grads_a[0] + grads_b[0]
 
