@@ -86,7 +86,9 @@ class SyncBatchNorm(Float32Cell):
             parameters; when ``False`` they are fixed to 1 and 0. Default: ``True``.
         track_running_stats (bool, optional): Whether to keep running statistics. When
             ``False``, batch statistics are used in training and in evaluation (in
-            evaluation over the local batch, without communication). Default: ``True``.
+            evaluation over the local batch, without communication). Set to ``False`` on a
+            layer built with running statistics, training leaves them unchanged and
+            evaluation still uses them (as in mint). Default: ``True``.
         process_group (str, optional): Name of a group made by
             ``mindspore.communication.create_group``; statistics are synchronized within
             it. ``None`` synchronizes over all ranks. Default: ``None``.
@@ -112,6 +114,8 @@ class SyncBatchNorm(Float32Cell):
         ValueError: If `num_features` is less than 1, or `eps` is not positive.
         ValueError: If `momentum` is not in range [0, 1].
         ValueError: If `process_group` does not exist or the current rank is not a member of it.
+        ValueError: At call time in training, if `track_running_stats` was set to ``True`` on
+            a layer built without running statistics.
         ValueError: At call time, if `x` has fewer than 2 dimensions or its dimension 1
             is not `num_features`, or, in training on one rank, if `x` holds a single value
             per channel.
@@ -310,10 +314,18 @@ class SyncBatchNorm(Float32Cell):
         if self.group_size == 1 and x.size == self.num_features:
             raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when "
                              f"training, but got input of shape {x.shape}.")
+        # As in mint and torch, track_running_stats is read at every call: set to False on a
+        # layer with running statistics, training leaves them alone and evaluation still
+        # uses them. A layer built without them has none to update.
+        tracked = self.track_running_stats
+        if tracked and self.running_mean is None:
+            raise ValueError("SyncBatchNorm: track_running_stats is True, but the layer was built "
+                             "with track_running_stats=False and has no running statistics to "
+                             "update; build it with track_running_stats=True.")
         eps, momentum, cumulative = self._eps_tensor, self._momentum_tensor, self._momentum is None
         if x.dtype == ms.bfloat16:
-            return self._amp_output(self._train_body(x, eps, momentum, cumulative))
-        return self._amp_output(self._forward_train(x, eps, momentum, cumulative))
+            return self._amp_output(self._train_body(x, eps, momentum, cumulative, tracked))
+        return self._amp_output(self._forward_train(x, eps, momentum, cumulative, tracked))
 
     def add_flags_recursive(self, **flags):
         """Under mixed precision the layer computes in float32 (see ``Float32Cell``) and, as
@@ -340,14 +352,14 @@ class SyncBatchNorm(Float32Cell):
     # runs op by op: PyNative's gradient of a compiled function sums bfloat16 gradients
     # with AddN, which MindSpore has no CPU kernel for.
     @ms.jit
-    def _forward_train(self, x, eps, momentum, cumulative):
-        return self._train_body(x, eps, momentum, cumulative)
+    def _forward_train(self, x, eps, momentum, cumulative, tracked):
+        return self._train_body(x, eps, momentum, cumulative, tracked)
 
     @ms.jit
     def _forward_eval(self, x, eps):
         return self._eval_body(x, eps)
 
-    def _train_body(self, x, eps, momentum, cumulative):
+    def _train_body(self, x, eps, momentum, cumulative, tracked):
         """One training step of the layer: x -> y, and the state updated.
 
         Errors that only the all-reduced sums reveal (the ranks disagree on
@@ -355,17 +367,17 @@ class SyncBatchNorm(Float32Cell):
         the guard kernel, identically on every rank, and leave the state unchanged. No
         branch and no host read: a branch on a tensor costs ~1 ms per layer and step in
         a CPU graph, and a host read would stall PyNative's dispatch at every layer.
-        eps (1,) and momentum (1,) are the layer's; cumulative (a constant) says whether
-        momentum is None.
+        eps (1,) and momentum (1,) are the layer's; the constants cumulative (momentum is None)
+        and tracked (track_running_stats) say how the running statistics are updated.
         """
         weight, bias = self._affine_params()
         y, mean, _, var, count, code = self.group_stats(x, weight, bias, self.stat_shift, eps)
-        self._update_state(mean, var, count, code, momentum, cumulative)
+        self._update_state(mean, var, count, code, momentum, cumulative, tracked)
         return y
 
     def _eval_body(self, x, eps):
         weight, bias = self._affine_params()
-        if self.track_running_stats:
+        if self.running_mean is not None:  # whatever track_running_stats says now (as mint)
             mean = self.running_mean.astype(ms.float32)
             invstd = ops.rsqrt(self.running_var.astype(ms.float32) + eps)
             return self.frozen_stats(x, mean, invstd, weight, bias)
@@ -373,7 +385,7 @@ class SyncBatchNorm(Float32Cell):
         y, _, _, _, _, _ = self.local_batch_stats(x, weight, bias, self.stat_shift, eps)
         return y
 
-    def _update_state(self, mean, var, count, code, momentum, cumulative):
+    def _update_state(self, mean, var, count, code, momentum, cumulative, tracked):
         """Shift and running statistics from the group statistics of one training step.
 
         Nothing changes unless the guard `code` (1,) is 0; a code other than 0 is kept in
@@ -385,7 +397,7 @@ class SyncBatchNorm(Float32Cell):
         there.)
         """
         channels = self.num_features
-        if self.track_running_stats:
+        if tracked:
             running_mean, running_var = self.running_mean, self.running_var
             if self.param_dtype != ms.float32:
                 running_mean, running_var = (running_mean.astype(ms.float32),
@@ -404,7 +416,7 @@ class SyncBatchNorm(Float32Cell):
                                       ops.stop_gradient(count), kept,
                                       self.stat_shift, running_mean, running_var, factor)  # (3C+1,)
         ops.assign(self.stat_shift, new_state[:channels])
-        if self.track_running_stats:
+        if tracked:
             ops.assign(self.running_mean, new_state[channels:2 * channels].astype(self.param_dtype))
             ops.assign(self.running_var, new_state[2 * channels:3 * channels].astype(self.param_dtype))
             updated = new_state[3 * channels:].astype(ms.int64).reshape(())

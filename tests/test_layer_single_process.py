@@ -404,6 +404,57 @@ def test_eps_and_momentum_set_after_construction_take_effect(execution, table, m
         assert_close(got[key], want[key], FLOAT32_TOL, f"eval {key} (eps {eps})")
 
 
+def test_track_running_stats_set_on_a_built_layer_behaves_as_in_torch(execution):
+    """``m.track_running_stats = False`` on a layer with running statistics (freezing them):
+    training uses the batch and leaves them and num_batches_tracked alone, evaluation still
+    uses them, as torch's BatchNorm (float64, the oracle) and mint read the flag at every call.
+    Set before the first call in every mode; in plain PyNative switched off and on again
+    between calls."""
+    import torch  # the test oracle (installed by launch/install.sh)
+    layer = SyncBatchNorm(3, momentum=0.2)
+    layer.track_running_stats = False
+    changes_between_calls = ms.get_context("mode") == ms.PYNATIVE_MODE and not execution
+    schedule = [True, False, True] if changes_between_calls else [False, False]
+    if changes_between_calls:
+        layer.track_running_stats = schedule[0]
+    rng = np.random.default_rng(33)
+    weight, bias = rng.uniform(0.5, 2.0, 3), rng.uniform(-1, 1, 3)
+    set_parameters(layer, weight, bias)
+    driver = LayerDriver(layer, jit=execution)
+    bn = torch.nn.BatchNorm1d(3, eps=EPS, momentum=0.2, dtype=torch.float64)
+    with torch.no_grad():
+        bn.weight.copy_(torch.from_numpy(weight))
+        bn.bias.copy_(torch.from_numpy(bias))
+    for step, tracked in enumerate(schedule + ["eval"]):
+        x, dy = random_batch(rng, (6, 3, 5)), rng.standard_normal((6, 3, 5)).astype(np.float32)
+        if tracked == "eval":
+            bn.train(False)
+            got = driver.evaluate(x, dy)
+        else:
+            layer.track_running_stats = bn.track_running_stats = tracked
+            bn.train(True)
+            got = {**driver.train(x, dy), **driver.state()}
+        bn.zero_grad()
+        xt = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
+        y = bn(xt)
+        (y * torch.from_numpy(dy.astype(np.float64))).sum().backward()
+        want = {"y": y.detach().numpy(), "dx": xt.grad.numpy(), "dweight": bn.weight.grad.numpy(),
+                "dbias": bn.bias.grad.numpy(), "running_mean": bn.running_mean.numpy(),
+                "running_var": bn.running_var.numpy()}
+        for key in want if tracked != "eval" else ("y", "dx", "dweight", "dbias"):
+            assert_close(got[key], want[key], FLOAT32_TOL, f"step {step} ({tracked}) {key}")
+        if tracked != "eval":
+            assert int(got["num_batches_tracked"]) == int(bn.num_batches_tracked), step
+
+
+def test_track_running_stats_set_on_a_layer_built_without_them_is_value_error(mode):
+    layer = SyncBatchNorm(3, track_running_stats=False)
+    layer.track_running_stats = True
+    layer.set_train(True)
+    with pytest.raises(ValueError, match="track_running_stats"):
+        layer(ms.Tensor(np.ones((4, 3), np.float32)))
+
+
 def test_local_layer_equals_torch_batchnorm_float64(execution):
     import torch  # the test oracle (installed by launch/install.sh)
     layer = SyncBatchNorm(3, momentum=0.2)
