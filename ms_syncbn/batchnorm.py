@@ -12,6 +12,8 @@ from ms_syncbn.precision import Float32Cell
 from ms_syncbn.sync_function import FrozenStatsNormalize, SyncBatchNormFunction
 
 _FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
+# What a new layer holds, and what reset_parameters / reset_running_stats restore.
+_INITIAL_VALUES = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
 
 
 def _check_eps(eps):
@@ -175,19 +177,18 @@ class SyncBatchNorm(Float32Cell):
         self.group_label = "(local)" if group is None else repr(group.name)
         self.param_dtype = ms.float32 if dtype is None else dtype
 
-        def filled(value, name, requires_grad):
-            data = Tensor(np.full((num_features,), value, np.float32), self.param_dtype)
-            return Parameter(data, name=name, requires_grad=requires_grad)
+        def filled(name, requires_grad):
+            return Parameter(self._initial_value(name), name=name, requires_grad=requires_grad)
 
         if affine:
-            self.weight = filled(1.0, "weight", True)
-            self.bias = filled(0.0, "bias", True)
+            self.weight = filled("weight", True)
+            self.bias = filled("bias", True)
         else:
             self.weight = None
             self.bias = None
         if track_running_stats:
-            self.running_mean = filled(0.0, "running_mean", False)
-            self.running_var = filled(1.0, "running_var", False)
+            self.running_mean = filled("running_mean", False)
+            self.running_var = filled("running_var", False)
             self.num_batches_tracked = Parameter(Tensor(0, ms.int64), name="num_batches_tracked",
                                                  requires_grad=False)
         else:
@@ -244,6 +245,37 @@ class SyncBatchNorm(Float32Cell):
             return None
         self._describe()
         return guard_message(code, self.guard_where)
+
+    def reset_running_stats(self):
+        """Running mean to 0, running variance to 1 and num_batches_tracked to 0, as
+        ``mint.nn.SyncBatchNorm.reset_running_stats``; nothing without running statistics.
+
+        Re-estimating the statistics (e.g. after weight averaging, as
+        ``torch.optim.swa_utils.update_bn`` does) is this, ``momentum = None`` (a cumulative
+        average over the batches that follow) and training-mode passes over the data. Call it
+        on every rank: the statistics are the group's. ``stat_shift`` (the centre of the
+        synchronized sums, identical on every rank) and ``guard_code`` are kept.
+        """
+        if self.running_mean is None:
+            return
+        # In place (ops.assign, as mint): set_data would give the Parameter new memory, which a
+        # graph compiled before keeps neither reading nor updating.
+        ops.assign(self.running_mean, self._initial_value("running_mean"))
+        ops.assign(self.running_var, self._initial_value("running_var"))
+        ops.assign(self.num_batches_tracked, Tensor(0, ms.int64))
+
+    def reset_parameters(self):
+        """``reset_running_stats``, and weight to 1 and bias to 0 (if `affine`), as
+        ``mint.nn.SyncBatchNorm.reset_parameters``."""
+        self.reset_running_stats()
+        if self.weight is not None:
+            ops.assign(self.weight, self._initial_value("weight"))
+            ops.assign(self.bias, self._initial_value("bias"))
+
+    def _initial_value(self, name):
+        """(C,) tensor in the parameters' dtype: what `name` holds in a new layer."""
+        return Tensor(np.full((self.num_features,), _INITIAL_VALUES[name], np.float32),
+                      self.param_dtype)
 
     def update_parameters_name(self, prefix='', recurse=True):
         super().update_parameters_name(prefix, recurse)

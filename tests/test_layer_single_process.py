@@ -455,6 +455,48 @@ def test_track_running_stats_set_on_a_layer_built_without_them_is_value_error(mo
         layer(ms.Tensor(np.ones((4, 3), np.float32)))
 
 
+def test_reset_running_stats_and_reestimation_as_swa_update_bn(execution):
+    """``reset_running_stats`` / ``reset_parameters`` as mint's, seen by compiled steps too.
+    Re-estimation as torch.optim.swa_utils.update_bn: reset, momentum None, training passes
+    (plain PyNative; a compiled step keeps its momentum and restarts its EMA from 0 and 1).
+    Running statistics against the float64 reference, y after reset_parameters too."""
+    layer = SyncBatchNorm(3, momentum=0.3)
+    rng = np.random.default_rng(35)
+    weight, bias = rng.uniform(0.5, 2.0, 3), rng.uniform(-1, 1, 3)
+    set_parameters(layer, weight, bias)
+    driver = LayerDriver(layer, jit=execution)
+    batch = lambda: (random_batch(rng, (6, 3, 5)), rng.standard_normal((6, 3, 5)).astype(np.float32))
+    for _ in range(2):
+        driver.train(*batch())
+    layer.reset_running_stats()
+    state = driver.state()
+    assert_close(state["running_mean"], np.zeros(3), 0.0, "reset running_mean")
+    assert_close(state["running_var"], np.ones(3), 0.0, "reset running_var")
+    assert int(state["num_batches_tracked"]) == 0
+    assert_close(layer.weight.asnumpy(), weight, 1e-7, "weight kept")
+    momentum = None if ms.get_context("mode") == ms.PYNATIVE_MODE and not execution else 0.3
+    layer.momentum = momentum
+    running_mean, running_var = np.zeros(3), np.ones(3)
+    for step in range(3):
+        x, dy = batch()
+        got = {**driver.train(x, dy), **driver.state()}
+        running_mean, running_var = reference.running_update(running_mean, running_var, x,
+                                                             momentum, step + 1)
+        assert_close(got["running_mean"], running_mean, FLOAT32_TOL, f"step {step} running_mean")
+        assert_close(got["running_var"], running_var, FLOAT32_TOL, f"step {step} running_var")
+        assert int(got["num_batches_tracked"]) == step + 1
+    layer.reset_parameters()
+    x, dy = batch()
+    got = driver.train(x, dy)
+    assert_close(got["y"], batch_stats_step(x, dy, np.ones(3), np.zeros(3), EPS)["y"], FLOAT32_TOL,
+                 "y after reset_parameters")
+    assert int(layer.num_batches_tracked.asnumpy()) == 1
+    for bare in (SyncBatchNorm(3, affine=False), SyncBatchNorm(3, track_running_stats=False)):
+        bare.reset_parameters()  # nothing to reset for the missing parts
+        assert (bare.weight is None) == (not bare.affine) and (bare.running_mean is None) == (
+            not bare.track_running_stats)
+
+
 def test_local_layer_equals_torch_batchnorm_float64(execution):
     import torch  # the test oracle (installed by launch/install.sh)
     layer = SyncBatchNorm(3, momentum=0.2)
