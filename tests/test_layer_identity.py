@@ -3,7 +3,7 @@
 One msrun job of 3 ranks (tests/workers/layer_identity.py) runs every scenario in
 PyNative and in graph mode: layers that only some ranks build (never called, called
 only in eval, trained on a subgroup), models built in different orders, two models
-trained in one step, one layer applied twice, a model rebuilt after a checkpoint
+trained in one step (one of them a ``copy.deepcopy`` of the other), one layer applied twice, a model rebuilt after a checkpoint
 load. Each must train to the float64 full-batch result (torch autograd on the
 concatenated batch). Swapping two layers' backward collectives on one rank must
 still stop the step on every rank with a message that names the check, the layer
@@ -22,7 +22,7 @@ from tests.harness import run_msrun
 WORLD = 3
 MODES = ("pynative", "graph")
 TRAINING = ("extra_unused_and_eval", "extra_subgroup", "build_order", "teacher_student",
-            "weight_sharing", "rebuilt_after_checkpoint")
+            "deep_copied_teacher", "weight_sharing", "rebuilt_after_checkpoint")
 JOB_TIMEOUT = 600  # seconds: a hang guard; the job takes ~1.5-3 min on 2 shared cores
 EPS = 1e-5
 MOMENTUM = 0.1
@@ -130,7 +130,8 @@ def test_correct_jobs_train_to_the_full_batch_result(job, mode, scenario):
     ranks = load(job, mode, scenario)
     for meta, _ in ranks:
         assert meta["status"] == "ok", f"rank {meta['rank']}: {meta.get('traceback')}"
-    if scenario == "teacher_student":
+    if scenario in ("teacher_student", "deep_copied_teacher"):
+        # each model's running statistics take the step once: a copy shares no state
         inputs = check_training(ranks, "", models=2, shared=False)
         for prefix in ("student_", "teacher_"):
             check_running_stats(ranks, prefix, inputs, [x * x for x in inputs])

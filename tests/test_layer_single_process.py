@@ -497,6 +497,38 @@ def test_reset_running_stats_and_reestimation_as_swa_update_bn(execution):
             not bare.track_running_stats)
 
 
+@pytest.mark.parametrize("table", ["cpu", "emulated_ascend"])
+def test_deep_copy_is_an_independent_layer(mode, table, monkeypatch):
+    """``copy.deepcopy`` (EMA and teacher copies) gives a layer with its own state: the copy
+    holds the original's values, and training either one leaves the other alone. (MindSpore
+    2.10 cannot deep-copy an ``ops.Custom``: the CPU table's kernels are shared by copies.)
+    The multi-rank case: tests/test_layer_identity.py, deep_copied_teacher."""
+    import copy
+    if table == "emulated_ascend":
+        from ms_syncbn import batchnorm
+        from tests.ascend_emulation import emulated_ascend_kernels
+        monkeypatch.setattr(batchnorm, "kernels_for", lambda device_target: emulated_ascend_kernels("a2"))
+    rng = np.random.default_rng(37)
+    original = SyncBatchNorm(3, momentum=0.3)
+    set_parameters(original, rng.uniform(0.5, 2.0, 3), rng.uniform(-1, 1, 3))
+    LayerDriver(original).train(random_batch(rng, (6, 3, 5)), rng.standard_normal((6, 3, 5)))
+    clone = copy.deepcopy(original)
+    names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    before = {name: getattr(original, name).asnumpy().copy() for name in names}
+    for name in names:
+        assert getattr(clone, name) is not getattr(original, name), name
+        np.testing.assert_array_equal(getattr(clone, name).asnumpy(), before[name], err_msg=name)
+    x, dy = random_batch(rng, (6, 3, 5)), rng.standard_normal((6, 3, 5)).astype(np.float32)
+    got = {**LayerDriver(clone).train(x, dy), "running_mean": clone.running_mean.asnumpy()}
+    want = batch_stats_step(x, dy, before["weight"].astype(np.float64), before["bias"], EPS)
+    want["running_mean"] = reference.running_update(before["running_mean"], before["running_var"],
+                                                    x, 0.3, 2)[0]
+    for key in ("y", "dx", "running_mean"):
+        assert_close(got[key], want[key], FLOAT32_TOL, f"copy {key}")
+    for name in names:  # the original did not move
+        np.testing.assert_array_equal(getattr(original, name).asnumpy(), before[name], err_msg=name)
+
+
 def test_local_layer_equals_torch_batchnorm_float64(execution):
     import torch  # the test oracle (installed by launch/install.sh)
     layer = SyncBatchNorm(3, momentum=0.2)

@@ -29,9 +29,19 @@ def cpu_library_path() -> str:
     return found[0]
 
 
+class _SharedCustom(ops.Custom):
+    """An AOT kernel primitive that copies of a model share (``copy.deepcopy``, e.g. an EMA or
+    teacher copy): it holds no state, as the table is shared by every layer of the process.
+    (MindSpore 2.10 copies a primitive by rebuilding it from ``init_attrs``, which fails for
+    ``ops.Custom``: "unexpected keyword argument 'name'".)"""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 def _custom(symbol: str, out_shape, out_dtype):
-    return ops.Custom(f"{cpu_library_path()}:{symbol}", out_shape=out_shape,
-                      out_dtype=out_dtype, func_type="aot")
+    return _SharedCustom(f"{cpu_library_path()}:{symbol}", out_shape=out_shape,
+                         out_dtype=out_dtype, func_type="aot")
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,6 +16,7 @@ rank 0 and records the error. Writes ``DIR/<mode>_<scenario>/rank<r>.npz`` and
 ``rank<r>.json`` (status, error type and message), scenario by scenario.
 """
 import argparse
+import copy
 import json
 import os
 import traceback
@@ -38,7 +39,7 @@ BIAS_A = [0.1, 0.2, -0.3]
 WEIGHT_B = [0.7, 1.2, -1.1]
 BIAS_B = [0.0, -0.4, 0.5]
 SCENARIOS = ("extra_unused_and_eval", "extra_subgroup", "build_order", "teacher_student",
-             "weight_sharing", "rebuilt_after_checkpoint", "mispaired")
+             "deep_copied_teacher", "weight_sharing", "rebuilt_after_checkpoint", "mispaired")
 
 
 class Pair(nn.Cell):
@@ -168,6 +169,15 @@ def run(scenario, rank, out_dir, record):
             teacher, student = Pair(), Pair()
         else:
             student, teacher = Pair(), Pair()
+        loss_net = Loss(student, teacher)
+        loss_net.set_train(True)
+        train(loss_net, rank, seed, record, "")
+        save_state(record, "student_", student)
+        save_state(record, "teacher_", teacher)
+        return {}
+    elif scenario == "deep_copied_teacher":  # an EMA / self-distillation teacher: copy.deepcopy
+        student = Pair()
+        teacher = copy.deepcopy(student)
         loss_net = Loss(student, teacher)
         loss_net.set_train(True)
         train(loss_net, rank, seed, record, "")
