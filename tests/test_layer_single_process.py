@@ -529,6 +529,46 @@ def test_deep_copy_is_an_independent_layer(mode, table, monkeypatch):
         np.testing.assert_array_equal(getattr(original, name).asnumpy(), before[name], err_msg=name)
 
 
+def test_emulated_ascend_table_in_a_dynamic_batch_graph(monkeypatch):
+    """One compiled graph (``set_inputs`` with a None batch dimension) trains on batches of 4, 6
+    and 3 with the Ascend table over the emulated primitives, each step equal to the float64
+    reference. (The CPU table cannot: README, Known issues.)"""
+    from mindspore import nn
+    from ms_syncbn import batchnorm
+    from tests.ascend_emulation import emulated_ascend_kernels
+    from tests.workers.core_steps import OutputDotUpstream
+    monkeypatch.setattr(batchnorm, "kernels_for", lambda device_target: emulated_ascend_kernels("a2"))
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        layer = SyncBatchNorm(3)
+        rng = np.random.default_rng(39)
+        weight, bias = rng.uniform(0.5, 2.0, 3), rng.uniform(-1, 1, 3)
+        set_parameters(layer, weight, bias)
+
+        class Step(nn.Cell):
+            def __init__(self):
+                super().__init__()
+                self.net = OutputDotUpstream(layer)  # a sub-cell: set_train reaches the layer
+                self.grad = ms.value_and_grad(self.net, grad_position=0, has_aux=True)
+
+            def construct(self, x, dy):
+                (_, y), dx = self.grad(x, dy)
+                return y, dx
+
+        step = Step()
+        step.set_train(True)
+        step.set_inputs(ms.Tensor(shape=[None, 3, 5], dtype=ms.float32),
+                        ms.Tensor(shape=[None, 3, 5], dtype=ms.float32))
+        for batch in (4, 6, 3):
+            x, dy = random_batch(rng, (batch, 3, 5)), rng.standard_normal((batch, 3, 5)).astype(np.float32)
+            y, dx = step(ms.Tensor(x), ms.Tensor(dy))
+            want = batch_stats_step(x, dy, weight, bias, EPS)
+            assert_close(y.asnumpy(), want["y"], FLOAT32_TOL, f"batch {batch} y")
+            assert_close(dx.asnumpy(), want["dx"], FLOAT32_TOL, f"batch {batch} dx")
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
 def test_local_layer_equals_torch_batchnorm_float64(execution):
     import torch  # the test oracle (installed by launch/install.sh)
     layer = SyncBatchNorm(3, momentum=0.2)
