@@ -46,7 +46,8 @@ LOSS_SCALE = 128.0
 
 # api: how the step is built; level: amp level (float16); scale: fixed
 # loss scale (None: no loss scaling); gradients_mean: the DATA_PARALLEL context's;
-# micro: micro-batches per optimizer step (gradient accumulation).
+# micro: micro-batches per optimizer step (gradient accumulation); sink: Model.train's
+# dataset_sink_mode (one sink of all the epoch's steps).
 RECIPES = {
     "build_O0": dict(api="build", level="O0", scale=LOSS_SCALE),
     "build_O1": dict(api="build", level="O1", scale=LOSS_SCALE),
@@ -62,6 +63,9 @@ RECIPES = {
     "custom_black_list": dict(api="custom", level="O2"),
     "model_O2": dict(api="model", level="O2", scale=LOSS_SCALE, gradients_mean=True),
     "model_O0": dict(api="model", level="O0", gradients_mean=True),
+    # Ascend's usual Model.train: the dataset sunk, all steps of the epoch in one device loop
+    "model_sink_O2": dict(api="model", level="O2", scale=LOSS_SCALE, gradients_mean=True,
+                          sink=True),
     "accumulate_O2": dict(api="accumulate", level="O2", micro=2),
 }
 CANONICAL = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
@@ -261,7 +265,7 @@ def run_model(spec, converted, rank, world):
             out = out[0] if isinstance(out, (tuple, list)) else out
             losses.append(float(out.asnumpy()))
 
-    model.train(1, dataset, callbacks=[RecordLoss()], dataset_sink_mode=False)
+    model.train(1, dataset, callbacks=[RecordLoss()], dataset_sink_mode=spec.get("sink", False))
     return [initial, state(net)], losses
 
 
