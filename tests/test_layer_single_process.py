@@ -569,6 +569,39 @@ def test_emulated_ascend_table_in_a_dynamic_batch_graph(monkeypatch):
         ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
+def test_recomputed_block_updates_the_running_statistics_once_in_graph_mode():
+    """``Cell.recompute()`` (activation checkpointing) runs the block's forward again in the
+    backward pass. In graph mode the layer's output and gradients are the same, and the running
+    statistics take the step once: the recomputed forward repeats no side effect (the state's
+    Assign), where MindSpore 2.10's own nn.BatchNorm2d, whose kernel updates its moving
+    statistics, takes the step twice (measured). PyNative re-runs the Python forward, state
+    update included, for both (README, Known issues). Against the float64 reference."""
+    from mindspore import nn
+    from tests.workers.core_steps import OutputDotUpstream
+    rng = np.random.default_rng(41)
+    x, dy = random_batch(rng, (5, 3, 4, 2)), rng.standard_normal((5, 3, 4, 2)).astype(np.float32)
+    weight, bias = rng.uniform(0.5, 2.0, 3), rng.uniform(-1, 1, 3)
+    layer = SyncBatchNorm(3)
+    set_parameters(layer, weight, bias)
+    block = nn.SequentialCell([layer, nn.Identity()])
+    block.recompute()
+    net = OutputDotUpstream(nn.SequentialCell([block, nn.Identity()]))
+    net.set_train(True)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        (_, y), dx = ms.value_and_grad(net, grad_position=0, has_aux=True)(ms.Tensor(x),
+                                                                           ms.Tensor(dy))
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    want = batch_stats_step(x, dy, weight, bias, EPS)
+    assert_close(y.asnumpy(), want["y"], FLOAT32_TOL, "y")
+    assert_close(dx.asnumpy(), want["dx"], FLOAT32_TOL, "dx")
+    mean, var = reference.running_update(np.zeros(3), np.ones(3), x, 0.1, 1)
+    assert_close(layer.running_mean.asnumpy(), mean, FLOAT32_TOL, "running_mean")
+    assert_close(layer.running_var.asnumpy(), var, FLOAT32_TOL, "running_var")
+    assert int(layer.num_batches_tracked.asnumpy()) == 1
+
+
 def test_local_layer_equals_torch_batchnorm_float64(execution):
     import torch  # the test oracle (installed by launch/install.sh)
     layer = SyncBatchNorm(3, momentum=0.2)
