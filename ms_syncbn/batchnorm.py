@@ -166,10 +166,7 @@ class SyncBatchNorm(Float32Cell):
         _check_constructor_args(num_features, eps, momentum, affine, track_running_stats, dtype)
         group = resolve_group(process_group)
         self.num_features = num_features
-        self._eps, self._momentum = eps, momentum
-        # What a step reads of them: (1,) tensors, inputs of the layer's compiled step.
-        self._eps_tensor = Tensor([eps], ms.float32)
-        self._momentum_tensor = Tensor([0.0 if momentum is None else momentum], ms.float32)
+        self.eps, self.momentum = eps, momentum  # the properties: they also make the tensors
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.process_group = process_group
@@ -300,7 +297,7 @@ class SyncBatchNorm(Float32Cell):
     def eps(self, value):
         _check_eps(value)
         self._eps = value
-        self._eps_tensor = Tensor([value], ms.float32)
+        self._eps_tensor = Tensor([value], ms.float32)  # (1,): what a step reads, an input
 
     @property
     def momentum(self):

@@ -222,10 +222,14 @@ def emulated_ascend_kernels(variant):
         ascend.native = real
 
 
-def use_emulated_ascend(variant):
-    """Every SyncBatchNorm built after this call in this process uses the emulated Ascend table."""
+def use_emulated_ascend(variant, monkeypatch=None):
+    """Every SyncBatchNorm built after this call in this process uses the emulated Ascend table;
+    with pytest's `monkeypatch`, only until the test ends."""
     from ms_syncbn import batchnorm
 
     table = emulated_ascend_kernels(variant)
-    batchnorm.kernels_for = lambda device_target: table
+    if monkeypatch is None:
+        batchnorm.kernels_for = lambda device_target: table
+    else:
+        monkeypatch.setattr(batchnorm, "kernels_for", lambda device_target: table)
     return table

@@ -196,11 +196,10 @@ def test_o1_code_rewrite_runs_the_ascend_table(mode, monkeypatch, tmp_path):
     """amp O1 regenerates every cell's code in another module: the Ascend table (over the
     emulated primitives) must not read a module constant there. Two steps of the converted
     network equal the unconverted network's two steps at O1 (one process)."""
-    from ms_syncbn import batchnorm
-    from tests.ascend_emulation import emulated_ascend_kernels
+    from tests.ascend_emulation import use_emulated_ascend
 
     monkeypatch.chdir(tmp_path)  # O1 writes the rewritten code to ./rewritten_network/
-    monkeypatch.setattr(batchnorm, "kernels_for", lambda device_target: emulated_ascend_kernels("a2"))
+    use_emulated_ascend("a2", monkeypatch)
     previous = ms.get_context("mode")
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     try:

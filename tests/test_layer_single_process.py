@@ -15,6 +15,7 @@ import mindspore as ms
 
 from ms_syncbn import SyncBatchNorm
 from tests import reference
+from tests.ascend_emulation import use_emulated_ascend
 from tests.workers.core_checks import (assert_close, batch_stats_step, expected_training,
                                        frozen_stats_step)
 from tests.workers.core_steps import LayerDriver, random_batch, round_to, set_parameters
@@ -374,9 +375,7 @@ def test_eps_and_momentum_set_after_construction_take_effect(execution, table, m
     Against the float64 reference; eps 0.5 and 0.05 against variances in [0.25, 4], so a
     value not taken moves y by percents."""
     if table == "emulated_ascend":
-        from ms_syncbn import batchnorm
-        from tests.ascend_emulation import emulated_ascend_kernels
-        monkeypatch.setattr(batchnorm, "kernels_for", lambda device_target: emulated_ascend_kernels("a2"))
+        use_emulated_ascend("a2", monkeypatch)
     layer = SyncBatchNorm(3)
     layer.eps, layer.momentum = 0.5, 0.3
     changes_between_calls = ms.get_context("mode") == ms.PYNATIVE_MODE and not execution
@@ -505,9 +504,7 @@ def test_deep_copy_is_an_independent_layer(mode, table, monkeypatch):
     The multi-rank case: tests/test_layer_identity.py, deep_copied_teacher."""
     import copy
     if table == "emulated_ascend":
-        from ms_syncbn import batchnorm
-        from tests.ascend_emulation import emulated_ascend_kernels
-        monkeypatch.setattr(batchnorm, "kernels_for", lambda device_target: emulated_ascend_kernels("a2"))
+        use_emulated_ascend("a2", monkeypatch)
     rng = np.random.default_rng(37)
     original = SyncBatchNorm(3, momentum=0.3)
     set_parameters(original, rng.uniform(0.5, 2.0, 3), rng.uniform(-1, 1, 3))
@@ -534,10 +531,8 @@ def test_emulated_ascend_table_in_a_dynamic_batch_graph(monkeypatch):
     and 3 with the Ascend table over the emulated primitives, each step equal to the float64
     reference. (The CPU table cannot: README, Known issues.)"""
     from mindspore import nn
-    from ms_syncbn import batchnorm
-    from tests.ascend_emulation import emulated_ascend_kernels
     from tests.workers.core_steps import OutputDotUpstream
-    monkeypatch.setattr(batchnorm, "kernels_for", lambda device_target: emulated_ascend_kernels("a2"))
+    use_emulated_ascend("a2", monkeypatch)
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
         layer = SyncBatchNorm(3)
