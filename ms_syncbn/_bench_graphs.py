@@ -11,7 +11,13 @@ and the front-end optimizations, before the backend picks kernels) is read:
   traces the node to a ``bprop``;
 * collectives: the kernels that are AllReduce / AllGather / ReduceScatter;
 * control flow: ``Switch`` nodes (a branch on a tensor value) and the number of
-  graphs the step is split into.
+  graphs the step is split into;
+* activation-sized kernels: those that read or write a tensor with as many elements
+  as the layer's input x (the passes over the activation), and an estimate of the
+  activation bytes moved per element of x: the bytes of every activation-sized
+  tensor a kernel reads or writes, from the IR's inferred shapes and dtypes, summed
+  over kernels and divided by x's element count (each kernel counted as one pass
+  over memory: no cache reuse, no fusion).
 
 The front end runs on CPU for any device's primitives: a graph of MindSpore's
 native Ascend kernels compiles up to this point here and then fails at kernel
@@ -36,11 +42,32 @@ CONTROL_FLOW = frozenset({"Switch", "SwitchLayer"})
 
 _NODE = re.compile(r"^\s+%\d+\([^)]*\) = (?:PrimFunc_)?([A-Za-z_][A-Za-z0-9_]*)\(")
 _GRAPH = re.compile(r"^subgraph @")
+# The line after a node: its inputs' and outputs' inferred types, "<Tensor[Float32], (8, 64)>".
+_SIGNATURE = re.compile(r"^\s+: \(")
+_TENSOR = re.compile(r"<Tensor\[([A-Za-z0-9]+)\], \(([0-9, ]*)\)")
+_DTYPE_BYTES = {"Float16": 2, "BFloat16": 2, "Float32": 4, "Float64": 8, "Int32": 4, "Int64": 8,
+                "Bool": 1, "Int8": 1, "UInt8": 1, "Int16": 2}
 
 
-def count_ir(text):
-    """Counts of one validate-IR dump (see the module docstring) -> dict."""
-    nodes = []  # [operator, traced to a bprop]
+def _activation_bytes(signature, activation_elements):
+    """Bytes of the tensors of one node's signature line that have `activation_elements`
+    elements (0 if none)."""
+    total = 0
+    for dtype, dims in _TENSOR.findall(signature):
+        elements = 1
+        for d in dims.split(","):
+            if d.strip():
+                elements *= int(d)
+        if dims.strip() and elements == activation_elements:
+            total += elements * _DTYPE_BYTES.get(dtype, 4)
+    return total
+
+
+def count_ir(text, activation_elements=None):
+    """Counts of one validate-IR dump (see the module docstring) -> dict. With
+    `activation_elements` (the element count of x), also the activation-sized kernels and
+    the estimated activation bytes per element."""
+    nodes = []  # [operator, traced to a bprop, activation bytes]
     graphs = 0
     for line in text.splitlines():
         if _GRAPH.match(line):
@@ -48,19 +75,32 @@ def count_ir(text):
             continue
         match = _NODE.match(line)
         if match:
-            nodes.append([match.group(1), False])
+            nodes.append([match.group(1), False, 0])
+        elif nodes and _SIGNATURE.match(line) and activation_elements:
+            nodes[-1][2] = _activation_bytes(line, activation_elements)
         elif nodes and line.lstrip().startswith("# In file") and "def bprop(" in line:
             nodes[-1][1] = True
-    kernels = [(op, backward) for op, backward in nodes if op not in STRUCTURAL_NODES]
-    return {
+    kernels = [(op, backward, size) for op, backward, size in nodes if op not in STRUCTURAL_NODES]
+    counts = {}
+    if activation_elements:
+        for side, is_backward in (("forward", False), ("backward", True)):
+            passes = [(op, size) for op, backward, size in kernels if backward is is_backward and size]
+            counts[f"{side}_activation_kernels"] = len(passes)
+            counts[f"{side}_activation_kernel_names"] = [op for op, _ in passes]
+            counts[f"{side}_activation_bytes_per_element"] = (
+                sum(size for _, size in passes) / activation_elements)
+    kernels = [(op, backward) for op, backward, _ in kernels]
+    return dict(counts, **{
         "forward_kernels": sum(1 for _, backward in kernels if not backward),
         "backward_kernels": sum(1 for _, backward in kernels if backward),
         "forward_collectives": sum(1 for op, backward in kernels if op in COLLECTIVES and not backward),
         "backward_collectives": sum(1 for op, backward in kernels if op in COLLECTIVES and backward),
-        "control_flow_nodes": sum(1 for op, _ in nodes if op in CONTROL_FLOW),
+        "control_flow_nodes": sum(1 for op, _, _ in nodes if op in CONTROL_FLOW),
         "graphs": graphs,
         "kernel_names": sorted({op for op, _ in kernels}),
-    }
+        "forward_kernel_names": [op for op, backward in kernels if not backward],
+        "backward_kernel_names": [op for op, backward in kernels if backward],
+    })
 
 
 class LayerTrainStep(nn.Cell):
@@ -82,8 +122,20 @@ class LayerTrainStep(nn.Cell):
         return self.grad(self.layer, self.params)(x, dy)
 
 
-def layer_step_counts(layer, x, work_dir):
-    """Compile one training step of `layer` on input `x` in graph mode and count its IR.
+class LayerForward(nn.Cell):
+    """The forward of `layer` alone (for layers whose backward does not compile on CPU)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def construct(self, x):
+        return self.layer(x)
+
+
+def layer_step_counts(layer, x, work_dir, forward_only=False):
+    """Compile one training step of `layer` on input `x` in graph mode and count its IR
+    (with `forward_only`, its forward alone).
 
     The step runs if its kernels exist on this machine (the CPU table) and stops at kernel
     selection if they do not (native Ascend kernels on CPU); either way the front end
@@ -95,7 +147,10 @@ def layer_step_counts(layer, x, work_dir):
     layer.set_train(True)
     ran = True
     try:
-        LayerTrainStep(layer)(x, ops.ones_like(x))
+        if forward_only:
+            LayerForward(layer)(x)
+        else:
+            LayerTrainStep(layer)(x, x)  # dy = x: the same graph, any dtype
     except RuntimeError as err:
         if "Kernel select failed" not in str(err) and "Unsupported op" not in str(err):
             raise
@@ -108,7 +163,7 @@ def layer_step_counts(layer, x, work_dir):
     if not dumps:
         raise RuntimeError(f"MindSpore wrote no validate IR into {work_dir}")
     with open(dumps[-1], errors="replace") as f:
-        counts = count_ir(f.read())
+        counts = count_ir(f.read(), x.size)
     counts["ran"] = ran
     return counts
 
@@ -127,3 +182,40 @@ def layers_built_with(kernels):
         yield
     finally:
         batchnorm_module.kernels_for = original
+
+
+# The tables' counted steps, in the benchmark's order: (name, table, input dtype).
+ASCEND_DTYPES = ("float32", "float16", "bfloat16")
+MINT = "mint.nn.SyncBatchNorm"
+
+
+def step_counts(shape, work_dir, tables=("CPU", "Ascend", MINT)):
+    """Counts of one synchronized layer step for input `shape` (N, C, *): {row name: counts}.
+
+    Rows: "CPU" (the CPU table, float32), "Ascend <dtype>" for each of :data:`ASCEND_DTYPES`
+    (the Ascend table over MindSpore's native primitives) and, when communication is
+    initialised, mint.nn.SyncBatchNorm's forward (its backward does not compile on CPU:
+    the benchmark reads it from its bprop). The layers must see a group of two or more
+    ranks (msrun, or a test's stand-in group).
+    """
+    import numpy as np
+
+    from ms_syncbn.batchnorm import SyncBatchNorm
+    from ms_syncbn.kernels.ascend import ascend_kernels
+
+    x32 = ms.Tensor(np.ones(shape, np.float32))
+    counts = {}
+    if "CPU" in tables:
+        counts["CPU"] = layer_step_counts(SyncBatchNorm(shape[1]), x32, os.path.join(work_dir, "cpu"))
+    if "Ascend" in tables:
+        for dtype in ASCEND_DTYPES:
+            with layers_built_with(ascend_kernels()):
+                layer = SyncBatchNorm(shape[1])
+            counts[f"Ascend {dtype}"] = layer_step_counts(
+                layer, x32.astype(getattr(ms, dtype)), os.path.join(work_dir, f"ascend_{dtype}"))
+    if MINT in tables:
+        from mindspore import mint
+
+        counts[MINT] = layer_step_counts(mint.nn.SyncBatchNorm(shape[1]), x32,
+                                         os.path.join(work_dir, "mint"), forward_only=True)
+    return counts

@@ -62,8 +62,7 @@ def main():
     import ms_syncbn.batchnorm as batchnorm_module
     from ms_syncbn import SyncBatchNorm
     from ms_syncbn._bench_graphs import LayerTrainStep as TrainStep
-    from ms_syncbn._bench_graphs import layer_step_counts, layers_built_with
-    from ms_syncbn.kernels.ascend import ascend_kernels
+    from ms_syncbn._bench_graphs import step_counts
     from ms_syncbn.kernels.cpu import cpu_kernels
 
     init()
@@ -250,14 +249,7 @@ def main():
         results["modes"][mode] = per_shape
     if world > 1:  # a synchronized layer's graph: what each kernel table launches per step
         shape = parse_shape(args.shapes.split(",")[0])
-        x = ms.Tensor(np.ones(shape, np.float32))
-        graphs_dir = os.path.join(args.out, f"graphs_rank{rank}")
-        results["graph_counts"] = {
-            "CPU": layer_step_counts(SyncBatchNorm(shape[1]), x, os.path.join(graphs_dir, "cpu"))}
-        with layers_built_with(ascend_kernels()):
-            ascend_layer = SyncBatchNorm(shape[1])
-        results["graph_counts"]["Ascend"] = layer_step_counts(ascend_layer, x,
-                                                              os.path.join(graphs_dir, "ascend"))
+        results["graph_counts"] = step_counts(shape, os.path.join(args.out, f"graphs_rank{rank}"))
     path = os.path.join(args.out, f"rank{rank}.json")
     with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=1)

@@ -49,8 +49,9 @@ TARGET_KERNEL_COPY_FRACTION = 0.5
 
 
 # mint.nn.SyncBatchNorm's training step (mindspore/mint/nn/layer/_functions.py, MindSpore
-# 2.10, SyncBatchNormInner.construct / bprop): the kernels it launches, in order. Its graph
-# cannot be counted like ours: its bprop does not compile in graph mode on CPU.
+# 2.10, SyncBatchNormInner.construct / bprop): the kernels it launches, in order. Its forward
+# is counted from its compiled graph like ours; its bprop does not compile in graph mode on
+# CPU, so its backward is this list.
 MINT_SYNCBN_GRAPH = {
     "forward": ["BatchNormStats", "Fill (count)", "Concat", "AllGather", "Reshape", "Split",
                 "BatchNormGatherStatsWithCounts", "BatchNormElemt", "Reshape (counts)"],
@@ -347,6 +348,33 @@ def check_targets(runs, payloads, bandwidth):
     return checks
 
 
+def format_graph_counts(graph_counts, mint_graph):
+    """Lines of the kernel-count table (one layer step, from the IR: ms_syncbn/_bench_graphs.py)."""
+    lines = ["", "One layer's training step as compiled (graph mode, 2 ranks, from MindSpore's front-end "
+                 "IR; Ascend: native kernels, whose front end runs on CPU). kernels (activation-sized), "
+                 "activation B/el: bytes of activation-sized tensors read or written, summed over "
+                 "kernels, per element of x (an estimate: no cache reuse, no fusion):",
+             f"  {'':<30}{'fwd kernels':>14}{'bwd kernels':>14}{'fwd B/el':>9}{'bwd B/el':>9}"
+             f"{'collectives':>12}{'branches':>9}{'graphs':>7}"]
+    for name, counts in graph_counts.items():
+        backward = f"{counts['backward_kernels']} ({counts['backward_activation_kernels']})"
+        backward_bytes = f"{counts['backward_activation_bytes_per_element']:.0f}"
+        backward_collectives = counts["backward_collectives"]
+        label = name if name.startswith("mint") else f"SyncBatchNorm, {name}"
+        if name.startswith("mint"):  # its backward is read from its bprop (does not compile on CPU)
+            backward = f"{len(mint_graph['backward'])} (2)*"
+            backward_bytes = "-"
+            backward_collectives = 1
+        lines.append(f"  {label:<30}"
+                     f"{str(counts['forward_kernels']) + ' (' + str(counts['forward_activation_kernels']) + ')':>14}"
+                     f"{backward:>14}{counts['forward_activation_bytes_per_element']:>9.0f}{backward_bytes:>9}"
+                     f"{str(counts['forward_collectives']) + '+' + str(backward_collectives):>12}"
+                     f"{counts['control_flow_nodes']:>9}{counts['graphs']:>7}")
+    lines.append(f"  * mint's backward, read from its bprop: {', '.join(mint_graph['backward'])}")
+    lines.append(f"    ({mint_graph['source']})")
+    return lines
+
+
 def format_report(results):
     lines = []
     bandwidth = results["kernel_bandwidth"]
@@ -383,22 +411,7 @@ def format_report(results):
                      + (f"  [all-gather style would be {row['allgather_style_forward_elements']}]"
                         if row["ranks"] > 1 else ""))
     if results.get("graph_counts"):
-        lines.append("")
-        lines.append("One layer's training step as compiled (graph mode, 2 ranks, from MindSpore's "
-                     "front-end IR; Ascend: native kernels, whose front end runs on CPU):")
-        lines.append(f"  {'':<26}{'fwd kernels':>12}{'bwd kernels':>12}{'collectives':>12}"
-                     f"{'branches':>9}{'graphs':>7}")
-        for table, counts in results["graph_counts"].items():
-            lines.append(f"  {'SyncBatchNorm, ' + table + ' table':<26}{counts['forward_kernels']:>12}"
-                         f"{counts['backward_kernels']:>12}"
-                         f"{str(counts['forward_collectives']) + '+' + str(counts['backward_collectives']):>12}"
-                         f"{counts['control_flow_nodes']:>9}{counts['graphs']:>7}")
-        mint = results["mint_graph"]
-        lines.append(f"  {'mint.nn.SyncBatchNorm':<26}{len(mint['forward']):>12}{len(mint['backward']):>12}"
-                     f"{'1+1':>12}{0:>9}{1:>7}  (read from its source, see below)")
-        lines.append(f"  mint forward:  {', '.join(mint['forward'])}")
-        lines.append(f"  mint backward: {', '.join(mint['backward'])}")
-        lines.append(f"  ({mint['source']})")
+        lines.extend(format_graph_counts(results["graph_counts"], results["mint_graph"]))
     lines.append("")
     lines.append(f"Kernel bandwidth, float32, one thread ({bandwidth['isa']}), vs NumPy copy of the "
                  f"same bytes:")

@@ -1,0 +1,68 @@
+"""What one synchronized layer step launches on the Ascend table, held at its targets.
+
+On Ascend each kernel is a launch, and the per-channel ones cost launch latency, not
+bandwidth: the count is the cost. One process compiles the training step of
+``SyncBatchNorm(64)`` on an 8x64x32x32 input in graph mode over MindSpore's real native
+Ascend primitives (the front end runs on CPU; compilation stops at kernel selection), in a
+stand-in group of two ranks (ms_syncbn.batchnorm.resolve_group is replaced; the all-reduce is
+MindSpore's real AllReduce primitive, which never runs), and counts the validate IR with the
+benchmark's own counter (ms_syncbn/_bench_graphs.py, ``python -m ms_syncbn.bench`` prints the
+same rows for every table, with mint's). The counts are exact: a change that brings launches
+back fails here. The CPU table's counts are held by tests/test_bench_smoke.py (its step runs
+under msrun).
+"""
+import numpy as np
+import mindspore as ms
+import pytest
+
+from ms_syncbn._bench_graphs import ASCEND_DTYPES, step_counts
+from ms_syncbn.comm import CommGroup
+
+SHAPE = (8, 64, 32, 32)
+# Per layer step: (forward kernels, backward kernels, forward activation-sized, backward
+# activation-sized). The issue's targets: forward <= 32, backward <= 16, activation-sized 2 and 2.
+HELD = {
+    "float32": (84, 43, 2, 3),
+    "float16": (84, 45, 2, 5),
+    "bfloat16": (84, 45, 2, 5),
+}
+
+
+@pytest.fixture(scope="module")
+def ascend_counts(tmp_path_factory):
+    import ms_syncbn.batchnorm as batchnorm
+
+    previous = ms.get_context("mode")
+    ms.set_context(device_target="CPU")
+    saved = batchnorm.resolve_group
+    batchnorm.resolve_group = lambda process_group: CommGroup("hccl_world_group", (0, 1))
+    try:
+        yield step_counts(SHAPE, str(tmp_path_factory.mktemp("ir")), tables=("Ascend",))
+    finally:
+        batchnorm.resolve_group = saved
+        ms.set_context(mode=previous)
+
+
+@pytest.mark.parametrize("dtype", ASCEND_DTYPES)
+def test_ascend_step_stays_at_its_kernel_counts(ascend_counts, dtype):
+    counts = ascend_counts[f"Ascend {dtype}"]
+    got = (counts["forward_kernels"], counts["backward_kernels"],
+           counts["forward_activation_kernels"], counts["backward_activation_kernels"])
+    assert got == HELD[dtype], (dtype, got, counts["forward_kernel_names"],
+                                counts["backward_kernel_names"])
+
+
+@pytest.mark.parametrize("dtype", ASCEND_DTYPES)
+def test_ascend_step_has_no_branch_one_graph_and_three_collectives(ascend_counts, dtype):
+    counts = ascend_counts[f"Ascend {dtype}"]
+    assert counts["ran"] is False  # no Ascend kernels on this machine: compiled up to selection
+    assert (counts["control_flow_nodes"], counts["graphs"]) == (0, 1), counts
+    assert (counts["forward_collectives"], counts["backward_collectives"]) == (2, 1), counts
+    for native in ("BatchNormStats", "BatchNormElemt", "BatchNormElemtGrad"):
+        assert native in counts["kernel_names"], counts["kernel_names"]
+
+
+def test_activation_bytes_are_counted_from_the_inferred_types(ascend_counts):
+    """float32: BatchNormStats reads x (4 B), BatchNormElemt reads x and writes y (8 B)."""
+    assert ascend_counts["Ascend float32"]["forward_activation_bytes_per_element"] == 12.0
+    assert ascend_counts["Ascend float16"]["forward_activation_bytes_per_element"] == 6.0
