@@ -425,7 +425,6 @@ class SyncBatchNorm(Float32Cell):
         steps and evaluation use. (One ``update_stats`` kernel: the arithmetic is stated
         there.)
         """
-        channels = self.num_features
         if tracked:
             running_mean, running_var = self.running_mean, self.running_var
             if self.param_dtype != ms.float32:
@@ -440,13 +439,12 @@ class SyncBatchNorm(Float32Cell):
         code = ops.stop_gradient(code)
         if self.group_stats.synchronized:  # static: without a group the code is always 0
             ops.assign(self.guard_code, ops.maximum(self.guard_code, code))
-        kept = (code == 0.0).astype(ms.float32)  # (1,) 1 or 0
-        new_state = self.update_stats(ops.stop_gradient(mean), ops.stop_gradient(var),
-                                      ops.stop_gradient(count), kept,
-                                      self.stat_shift, running_mean, running_var, factor)  # (3C+1,)
-        ops.assign(self.stat_shift, new_state[:channels])
+        new_shift, new_mean, new_var, increment = self.update_stats(
+            ops.stop_gradient(mean), ops.stop_gradient(var), ops.stop_gradient(count), code,
+            self.stat_shift, running_mean, running_var, factor)
+        if not self.group_stats.two_pass:  # static: the moments protocol never reads the shift
+            ops.assign(self.stat_shift, new_shift)
         if tracked:
-            ops.assign(self.running_mean, new_state[channels:2 * channels].astype(self.param_dtype))
-            ops.assign(self.running_var, new_state[2 * channels:3 * channels].astype(self.param_dtype))
-            updated = new_state[3 * channels:].astype(ms.int64).reshape(())
-            ops.assign(self.num_batches_tracked, self.num_batches_tracked + updated)
+            ops.assign(self.running_mean, new_mean.astype(self.param_dtype))
+            ops.assign(self.running_var, new_var.astype(self.param_dtype))
+            ops.assign(self.num_batches_tracked, self.num_batches_tracked + increment)

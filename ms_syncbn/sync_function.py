@@ -48,6 +48,7 @@ step (guard kernel).
 """
 import mindspore as ms
 from mindspore import Tensor, ops
+from mindspore.ops.auto_generate import SplitWithSize
 
 from ms_syncbn.kernels import GUARD_CHANNELS_DIFFER, GUARD_MISPAIRED, GUARD_SINGLE_VALUE, guard_text
 from ms_syncbn.precision import Float32Cell
@@ -116,9 +117,16 @@ class SyncBatchNormFunction(Float32Cell):
         # shifted sums with their rare re-centring pass (see the module docstring).
         self.two_pass = kernels.local_moments is not None
         self.guard = kernels.guard
+        # The primitive, not ops.split: a Python function with a branch run both in construct and
+        # in bprop does not compile in MindSpore 2.10 (kernels/ascend.py).
+        self.split = SplitWithSize()
         self.fingerprint = kernels.fingerprint
         # finalize_stats' parameters but eps: [group size] and [re-centring ratio | tolerance]
         self.group_size_value = Tensor([float(group_size)], ms.float32)
+        # (1,) guard codes of the moments protocol, chosen by Select
+        self.no_code = Tensor([0.0], ms.float32)
+        self.channels_differ_code = Tensor([GUARD_CHANNELS_DIFFER], ms.float32)
+        self.single_value_code = Tensor([GUARD_SINGLE_VALUE], ms.float32)
         self.reshift_params = Tensor([RESHIFT_RATIO, RESHIFT_MEAN_TOLERANCE], ms.float32)
         self.all_reduce = all_reduce
         self.group_size = group_size
@@ -143,7 +151,7 @@ class SyncBatchNormFunction(Float32Cell):
     def construct(self, x, weight, bias, shift, eps):
         channels = x.shape[1]
         if self.two_pass:  # a static choice of the kernel table: no branch in the graph
-            mean, invstd, var, channels_differ, count = self._group_moments_stats(x, eps)
+            mean, invstd, var, count, code = self._group_moments_stats(x, eps)
         else:
             # (1,), (1,), (2,) -> (4,) [group size | eps | re-centring ratio | tolerance]
             finalize_params = ops.cat((self.group_size_value, eps, self.reshift_params))
@@ -157,49 +165,60 @@ class SyncBatchNormFunction(Float32Cell):
                                  stats[2 * channels:3 * channels])
             channels_differ = stats[3 * channels:3 * channels + 1]  # (1,) 0 or 1
             count = stats[3 * channels + 1:3 * channels + 2]  # (1,)
-        if self.synchronized:
-            # Errors only the group's sums reveal. No branch: invstd goes through the table's
-            # guard, which passes it on or stops the step (CPU: raises; Ascend: poisons it).
-            single_value = (count == 1.0).astype(ms.float32) * (1.0 - channels_differ)  # (1,) 0/1
-            code = channels_differ * GUARD_CHANNELS_DIFFER + single_value * GUARD_SINGLE_VALUE
-            invstd = self.stop_if(invstd, code)
-        else:  # one value per channel is caught from the shape before any kernel runs
-            code = ops.zeros((1,), ms.float32)
+            if self.synchronized:
+                # Errors only the group's sums reveal. No branch: invstd goes through the table's
+                # guard, which passes it on or stops the step (CPU: raises; Ascend: poisons it).
+                single_value = (count == 1.0).astype(ms.float32) * (1.0 - channels_differ)  # (1,) 0/1
+                code = channels_differ * GUARD_CHANNELS_DIFFER + single_value * GUARD_SINGLE_VALUE
+                invstd = self.stop_if(invstd, code)
+            else:  # one value per channel is caught from the shape before any kernel runs
+                code = ops.zeros((1,), ms.float32)
         y = self.normalize(x, mean, invstd, weight, bias)
         return y, mean, invstd, var, count, code
 
     def _group_moments_stats(self, x, eps):
-        """x (N, C, *), eps (1,) -> mean, invstd, var (C,), channels differ (1,) 0/1, count (1,): the
-        group's statistics from the ranks' moments, in two all-reduces and without a branch
-        (tables with ``local_moments``); identical on every rank.
+        """x (N, C, *), eps (1,) -> mean, invstd, var (C,), count (1,), code (1,): the group's
+        statistics from the ranks' moments, in two all-reduces and without a branch (tables
+        with ``local_moments``); identical on every rank. A code other than 0 has gone through
+        the guard: var and invstd are NaN then (Ascend), or the step raised (CPU).
 
-        Rank i has n_i values per channel with mean m_i and m2_i = sum((x - m_i)^2). With
+        Rank i has n_i values per channel with mean m_i and biased variance v_i. With
         N = sum(n_i) and m = sum(n_i m_i) / N, the group's sum of squared deviations is
 
-            sum over ranks of  m2_i + n_i (m_i - m)^2
+            sum over ranks of  n_i (v_i + (m_i - m)^2)
 
         Every term is computed around a mean that is already close to the data (m_i locally, m
         after the first all-reduce), so nothing cancels: the variance is as precise as the
         ranks' own moments whatever the mean's magnitude, on every step, without the shifted
-        sums' re-centring pass and the graph branch that decides it.
+        sums' re-centring pass and the graph branch that decides it. n_i is static (the
+        shape's), so the count costs no kernel; the per-channel arithmetic is done on whole
+        vectors, split once (about 20 kernels up to invstd).
         """
         channels = x.shape[1]
-        moments = self.local_moments(x)  # (2C+1,) [m_i | m2_i | n_i]
-        local_mean, local_m2, local_count = (moments[:channels], moments[channels:2 * channels],
-                                             moments[2 * channels:])
-        # (C,), (1,), (1,) -> (C+2,): the last slot sums to group_size * C when every rank's
-        # layer has C channels (as in the shifted-sums payload).
-        first = self._group_sum(ops.cat((local_count * local_mean, local_count,
+        # (1,) n_i: a constant of the compiled graph for a static shape
+        n = ops.scalar_to_tensor(float(x.size // channels), ms.float32).reshape((1,))
+        local_mean, local_var = self.local_moments(x)  # (C,), (C,)
+        # (C,), (1,), (1,) -> (C+2,) [n_i m_i | n_i | C]: the last slot sums to group_size * C
+        # when every rank's layer has C channels (as in the shifted-sums payload).
+        first = self._group_sum(ops.cat((local_mean * n, n,
                                          ops.fill(ms.float32, (1,), float(channels)))))
-        count = first[channels:channels + 1]
-        channels_differ = (ops.abs(first[channels + 1:] - channels * self.group_size) > 0.5
-                           ).astype(ms.float32)  # (1,)
+        mean_sum, count, channel_sum = self.split(first, (channels, 1, 1))
         safe_count = ops.maximum(count, 1.0)  # an empty group: every sum is 0, so mean = var = 0
-        mean = first[:channels] / safe_count
+        mean = mean_sum / safe_count
         deviation = local_mean - mean
-        # (C,) -> (C,). An empty rank sends zeros (n_i = 0, m2_i = 0).
-        var = self._group_sum(local_m2 + local_count * deviation * deviation) / safe_count
-        return mean, ops.rsqrt(var + eps), var, channels_differ, count
+        # (C,) -> (C,). An empty rank sends zeros (n_i = 0).
+        var = self._group_sum((local_var + deviation * deviation) * n) / safe_count
+        if self.synchronized:
+            # Errors only the group's sums reveal; var (so invstd, y and the state) goes through
+            # the guard. 2: the ranks disagree on num_features (N is garbage then); 3: one value
+            # per channel in the group's batch.
+            code = ops.select(channel_sum == float(channels * self.group_size),
+                              ops.select(count == 1.0, self.single_value_code, self.no_code),
+                              self.channels_differ_code)
+            var = self.stop_if(var, code)
+        else:  # one value per channel is caught from the shape before any kernel runs
+            code = self.no_code
+        return mean, ops.rsqrt(var + eps), var, count, code
 
     def bprop(self, x, weight, bias, shift, eps, out, dout):
         dy = dout[0]
@@ -228,7 +247,7 @@ class SyncBatchNormFunction(Float32Cell):
     def stop_if(self, values, code):
         """values (M,), code (1,) float32 -> values; a code other than 0 stops the step (guard kernel)
         with an error naming this layer and saying what the code means."""
-        return self.guard(values, ops.cat((code, self.guard_text)))
+        return self.guard(values, code, self.guard_text)
 
     def _checked_group_sum(self, local_sums, mean, invstd, count):
         """(2C,) -> (2C,) group sums; raises (guard) if another layer's collective was paired with ours."""

@@ -30,8 +30,8 @@ import pytest
 import mindspore as ms
 from mindspore import nn
 
-from ms_syncbn.kernels import (GUARD_CODES, GUARD_MEANINGS, GUARD_MISPAIRED, GUARD_SINGLE_VALUE,
-                               guard_message, guard_text)
+from ms_syncbn.kernels import (GUARD_CHANNELS_DIFFER, GUARD_CODES, GUARD_MEANINGS, GUARD_MISPAIRED,
+                               GUARD_SINGLE_VALUE, guard_message, guard_text)
 from ms_syncbn.kernels.composite import FinalizeStats as CompositeFinalizeStats
 from ms_syncbn.kernels.composite import Fingerprint as CompositeFingerprint
 from ms_syncbn.kernels.composite import Guard as CompositeGuard, UpdateStats as CompositeUpdateStats
@@ -594,13 +594,14 @@ def test_guard_passes_values_through_on_code_zero(kernels, mode):
             super().__init__()
             self.guard = kernels.guard
 
-        def construct(self, values, code):
-            return self.guard(values, code) * 2.0
+        def construct(self, values, code, text):
+            return self.guard(values, code, text) * 2.0
 
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     try:
         values = np.random.default_rng(7).normal(size=11).astype(np.float32)
-        out = Guarded()(ms.Tensor(values), ms.Tensor(np.zeros(1, np.float32)))
+        out = Guarded()(ms.Tensor(values), ms.Tensor(np.zeros(1, np.float32)),
+                        ms.Tensor(guard_text("layer")))
         np.testing.assert_array_equal(out.asnumpy(), values * 2.0)
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
@@ -611,7 +612,7 @@ def test_guard_raises_naming_the_layer_and_saying_what_the_code_means(kernels, c
     values = ms.Tensor(np.ones(3, np.float32))
     text = guard_text("'net.block.bn' SyncBatchNorm(num_features=3)")
     with pytest.raises(RuntimeError) as info:
-        kernels.guard(values, ms.Tensor(np.concatenate(([code], text)).astype(np.float32))).asnumpy()
+        kernels.guard(values, ms.Tensor(np.array([code], np.float32)), ms.Tensor(text)).asnumpy()
     message = (f"ms_syncbn SyncBatchNorm error {int(code)} in layer "
                f"'net.block.bn' SyncBatchNorm(num_features=3): {GUARD_MEANINGS[code]}.")
     assert message in str(info.value), str(info.value)
@@ -625,8 +626,8 @@ def test_guard_message_is_the_text_the_cpu_guard_raises(code):
     where = "'net.block.bn' SyncBatchNorm(num_features=3) on process group 'g' of 2 ranks"
     text = guard_text(where)
     with pytest.raises(RuntimeError) as info:
-        cpu_kernels().guard(ms.Tensor(np.ones(3, np.float32)),
-                            ms.Tensor(np.concatenate(([code], text)).astype(np.float32))).asnumpy()
+        cpu_kernels().guard(ms.Tensor(np.ones(3, np.float32)), ms.Tensor(np.array([code], np.float32)),
+                            ms.Tensor(text)).asnumpy()
     raised = str(info.value)
     message = guard_message(code, where)
     assert message.startswith(f"ms_syncbn SyncBatchNorm error {int(code)} in layer {where}: ")
@@ -636,7 +637,8 @@ def test_guard_message_is_the_text_the_cpu_guard_raises(code):
 def test_guard_without_text_gives_the_code_and_where_its_meaning_is(kernels):
     with pytest.raises(RuntimeError, match=r"SyncBatchNorm error 4: see ms_syncbn\.kernels\.GUARD_MEANINGS"):
         kernels.guard(ms.Tensor(np.ones(3, np.float32)),
-                      ms.Tensor(np.array([GUARD_MISPAIRED], np.float32))).asnumpy()
+                      ms.Tensor(np.array([GUARD_MISPAIRED], np.float32)),
+                      ms.Tensor(np.zeros(0, np.float32))).asnumpy()
 
 
 def test_guard_text_entries_are_the_layer_then_the_meanings_by_code():
@@ -649,7 +651,7 @@ def test_guard_text_entries_are_the_layer_then_the_meanings_by_code():
 def test_guard_rejects_a_malformed_call(kernels):
     with pytest.raises(RuntimeError, match=r"error 1: malformed call of the Guard kernel"):
         kernels.guard(ms.Tensor(np.ones((2, 2), np.float32)),
-                      ms.Tensor(np.zeros(1, np.float32))).asnumpy()
+                      ms.Tensor(np.zeros(1, np.float32)), ms.Tensor(np.zeros(0, np.float32))).asnumpy()
 
 
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
@@ -659,10 +661,11 @@ def test_composite_guard_poisons_instead_of_branching(mode):
     values = ms.Tensor(np.arange(4, dtype=np.float32))
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     try:
-        np.testing.assert_array_equal(guard(values, ms.Tensor(np.zeros(1, np.float32))).asnumpy(),
+        text = ms.Tensor(guard_text("layer"))
+        np.testing.assert_array_equal(guard(values, ms.Tensor(np.zeros(1, np.float32)), text).asnumpy(),
                                       np.arange(4, dtype=np.float32))
         for code in GUARD_CODES:
-            out = guard(values, ms.Tensor(np.array([code], np.float32))).asnumpy()
+            out = guard(values, ms.Tensor(np.array([code], np.float32)), text).asnumpy()
             assert out.shape == (4,) and np.isnan(out).all(), (code, out)
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
@@ -682,10 +685,11 @@ def update_stats_ref(mean, var, count, kept, shift, running_mean, running_var, f
             float(updated))
 
 
-@pytest.mark.parametrize("count, kept", [(37.0, 1.0), (1.0, 1.0), (2.0, 1.0), (0.0, 1.0),
-                                         (37.0, 0.0)])
+@pytest.mark.parametrize("count, code", [(37.0, 0.0), (1.0, 0.0), (2.0, 0.0), (0.0, 0.0),
+                                         (37.0, GUARD_SINGLE_VALUE), (37.0, GUARD_CHANNELS_DIFFER)])
 @pytest.mark.parametrize("implementation", ["cpu_kernel", "composite"])
-def test_update_stats(kernels, implementation, count, kept):
+def test_update_stats(kernels, implementation, count, code):
+    kept = float(code == 0.0)
     rng = np.random.default_rng(int(count) * 10 + int(kept))
     channels = 7
     mean = rng.normal(3.0, 2.0, channels).astype(np.float32)
@@ -695,9 +699,11 @@ def test_update_stats(kernels, implementation, count, kept):
     running_var = rng.uniform(0.5, 2.0, channels).astype(np.float32)
     factor = np.float32(0.1)
     update = kernels.update_stats if implementation == "cpu_kernel" else CompositeUpdateStats()
-    out = update(*(ms.Tensor(np.asarray(v, np.float32).reshape(-1)) for v in
-                   (mean, var, count, kept, shift, running_mean, running_var, factor))).asnumpy()
-    assert out.shape == (3 * channels + 1,) and out.dtype == np.float32
+    outs = update(*(ms.Tensor(np.asarray(v, np.float32).reshape(-1)) for v in
+                    (mean, var, count, code, shift, running_mean, running_var, factor)))
+    assert [o.shape for o in outs] == [(channels,)] * 3 + [()], [o.shape for o in outs]
+    assert [o.dtype for o in outs] == [ms.float32] * 3 + [ms.int64]
+    out = np.concatenate([o.asnumpy().reshape(-1).astype(np.float32) for o in outs])
     f64 = [np.asarray(v, np.float64) for v in (mean, var, count, kept, shift, running_mean,
                                                  running_var, factor)]
     ref_shift, ref_mean, ref_var, ref_updated = update_stats_ref(*f64)
@@ -715,7 +721,7 @@ def test_update_stats_rejects_a_malformed_call(kernels):
     c = ms.Tensor(np.ones(3, np.float32))
     one = ms.Tensor(np.ones(1, np.float32))
     with pytest.raises(RuntimeError, match=r"is 1\b"):  # running_var of the wrong length
-        kernels.update_stats(c, c, one, one, c, c, ms.Tensor(np.ones(4, np.float32)), one).asnumpy()
+        kernels.update_stats(c, c, one, one, c, c, ms.Tensor(np.ones(4, np.float32)), one)[0].asnumpy()
 
 
 # ----------------------------------------------------------------------- finalize_stats --

@@ -16,15 +16,15 @@ finalize_stats      sums (3C+2,): [sum(x-K), sum((x-K)^2), n*K, n, C] summed   (
                     over the group; params (4,): [group size, eps,             [mean | invstd | var |
                     reshift ratio, mean tolerance]                             channels differ | count |
                                                                                needs reshift]
-update_stats        mean, var (C,), count (1,), kept (1,), shift,              (3C+1,) float32:
-                    running_mean, running_var (C,), factor (1,)                [shift' | running_mean' |
-                                                                               running_var' | updated]
-guard               values (M,) float32, code (1+T,) float32: [code | text]    values, or the step
-                                                                               stops (see below)
+update_stats        mean, var (C,), count (1,), code (1,), shift,              shift', running_mean',
+                    running_mean, running_var (C,), factor (1,)                running_var' (C,) float32,
+                                                                               increment () int64
+guard               values (M,) float32, code (1,) float32, text (T,)          values, or the step
+                    float32 (may be empty)                                     stops (see below)
 fingerprint         mean, invstd (C,), count (1,), modulus (1,)                (1,) float32: an
                                                                                integer in [1, modulus]
-local_moments       x                                                          (2C+1,) float32:
-(optional)                                                                     [mean_i | m2_i | n_i]
+local_moments       x                                                          mean_i, var_i (C,)
+(optional)                                                                     float32
 ==================  =========================================================  ==================
 
 Sums are over the local batch; kernels never communicate. An entry is a
@@ -34,9 +34,10 @@ graph mode.
 ``finalize_stats`` turns the group's sums into its statistics and
 ``update_stats`` gives the layer's state after a training step, each in one call
 (``FinalizeStats`` and ``UpdateStats`` in ops/cpu/syncbn_cpu.cc state the arithmetic). ``guard`` lets
-a compiled graph stop without a branch: ``code[0]`` = 0 passes `values` through; any
-code of :data:`GUARD_CODES` stops the step. ``code[1:]`` may carry the text of that
-error, :func:`guard_text` (the layer and :data:`GUARD_MEANINGS`). The CPU kernel raises a
+a compiled graph stop without a branch: ``code`` = 0 passes `values` through; any
+code of :data:`GUARD_CODES` stops the step. ``text`` may carry the text of that
+error, :func:`guard_text` (the layer and :data:`GUARD_MEANINGS`); a separate input, so that
+a table whose guard does not raise (Ascend) pays no kernel to join it to the code. The CPU kernel raises a
 RuntimeError with that text (also written to stderr); the Ascend composite
 (``kernels.composite.Guard``) returns NaN, which the layer routes into the step's
 outputs and gradients: no native kernel fails on a value, and a branch would need
@@ -48,8 +49,9 @@ collectives paired with each other; ``Fingerprint`` in ops/cpu/syncbn_cpu.cc sta
 arithmetic, with the constants :data:`FINGERPRINT_SCALE`, :data:`FINGERPRINT_WRAP` and
 :data:`FINGERPRINT_MULTIPLIER`.
 
-``local_moments`` (mean_i and m2_i = sum((x - mean_i)^2) over the local batch,
-n_i its number of values per channel; zeros for an empty batch) is given by
+``local_moments`` (mean_i and the biased variance var_i = sum((x - mean_i)^2) / n_i over the
+local batch, zeros for an empty batch; n_i, the number of values per channel, is the static
+x.size / C) is given by
 tables whose native statistics kernel centres on the local mean (Ascend's
 BatchNormStats). With it, ``SyncBatchNormFunction`` combines the ranks' moments
 in two small all-reduces and never branches; without it (CPU), it uses

@@ -40,6 +40,8 @@ from ms_syncbn.kernels.composite import FinalizeStats, Fingerprint, Guard, Updat
 # 1/invstd^2 - eps, within a few float32 ulps of the kernel's var. This eps keeps a
 # constant channel finite (invstd = 1e6) while moving var by at most ~1e-19.
 _STATS_EPS = 1e-12
+# The moments' BatchNormStats eps: var_i = invstd^-2 keeps it (see _LocalMoments).
+_MOMENTS_EPS = 1e-30
 
 
 def _per_channel_shape(x):
@@ -124,29 +126,33 @@ class _LocalStats(nn.Cell):
 
 
 class _LocalMoments(nn.Cell):
-    """x (N, C, *) -> (2C+1,) f32: [mean_i (C) | m2_i (C) | n_i (1)], the local moments.
+    """x (N, C, *) -> mean_i (C,), var_i (C,) float32: the local mean and biased variance.
 
-    mean_i is the local batch mean per channel, m2_i = sum((x - mean_i)^2) = n_i * biased
-    local var, n_i = N * prod(trailing dims). All zeros for an empty batch, without a
-    native kernel. Numerics: BatchNormStats gives the mean and invstd in float32
-    (its variance is taken around the mean, so it does not cancel at large |mean|);
-    var = 1/invstd^2 - 1e-12 carries a relative error of a few float32 ulps (~3e-7).
+    Two kernels: BatchNormStats (mean and invstd = 1/sqrt(var + eps') in float32, the
+    variance taken around the mean, so it does not cancel at large |mean|) and
+    var_i = invstd^-2 = var + eps' (Pow), with eps' = 1e-30: it keeps a constant channel
+    finite (invstd = 1e15) and moves var by 1e-30 absolute, below any float32 rounding of a
+    real variance; the relative error of var_i is a few float32 ulps. Zeros for an empty batch,
+    without a native kernel.
     """
+
+    # Read through self: mindspore.amp's O1 regenerates a cell's code in another module,
+    # where this module's own constants are not defined.
+    stats_eps = _MOMENTS_EPS
 
     def __init__(self):
         super().__init__()
-        self.mean_var = _LocalMeanVar()
+        self.stats = native.BatchNormStats()
 
     def construct(self, x):
         channels = x.shape[1]
-        count = x.size // channels
-        if count == 0:  # static shape: decided at compile time, no graph branch
-            moments = ops.zeros((2 * channels + 1,), ms.float32)
+        if x.size == 0:  # static shape: decided at compile time, no graph branch
+            mean = ops.zeros((channels,), ms.float32)
+            var = mean
         else:
-            mean, var = self.mean_var(x)
-            n = ops.scalar_to_tensor(float(count), ms.float32)
-            moments = ops.cat((mean, n * var, n.reshape((1,))))
-        return moments
+            mean, invstd = self.stats(_stats_input(x), self.stats_eps)  # (C,), (C,) float32
+            var = ops.pow(invstd, -2.0)
+        return mean, var
 
 
 class _BackwardReduce(nn.Cell):

@@ -36,26 +36,30 @@ class FinalizeStats(nn.Cell):
 
 
 class UpdateStats(nn.Cell):
-    """mean, var (C,), count (1,), kept (1,), shift, running_mean, running_var (C,), factor (1,)
-    -> (3C+1,) float32 [shift' | running_mean' | running_var' | updated].
+    """mean, var (C,), count (1,), code (1,), shift, running_mean, running_var (C,), factor (1,)
+    -> shift', running_mean', running_var' (C,) float32, increment () int64.
 
-    See ``UpdateStats`` in ops/cpu/syncbn_cpu.cc for the contract.
+    See ``UpdateStats`` in ops/cpu/syncbn_cpu.cc for the contract (its kept is code == 0).
+    Written for few kernels (each one is a launch on Ascend): the decision is one (1,)
+    flag and one (C,) mask, the moving averages are Lerp (running + factor * (batch -
+    running), the same value up to one rounding), and an output the caller does not use
+    (the Ascend layer never reads the shift) is pruned by the compiler.
     """
 
-    def construct(self, mean, var, count, kept, shift, running_mean, running_var, factor):
-        updated = ops.logical_and(kept != 0.0, count > 0.0)  # (1,)
-        change = ops.logical_and(updated.broadcast_to(mean.shape),
-                                 ops.logical_and(ops.isfinite(mean), ops.isfinite(var)))  # (C,)
-        unbiased = var * (count / ops.maximum(count - 1.0, 1.0))
-        new_mean = (1.0 - factor) * running_mean + factor * mean
-        new_var = (1.0 - factor) * running_var + factor * unbiased
-        return ops.cat((ops.select(change, mean, shift), ops.select(change, new_mean, running_mean),
-                        ops.select(change, new_var, running_var), updated.astype(ms.float32)))
+    def construct(self, mean, var, count, code, shift, running_mean, running_var, factor):
+        fewer = count - 1.0  # (1,)
+        updated = ops.logical_and(code == 0.0, fewer >= 0.0)  # (1,) the step is kept, N > 0
+        change = ops.logical_and(ops.isfinite(mean + var), updated)  # (C,) and finite statistics
+        unbiased = var * (count / ops.maximum(fewer, 1.0))
+        return (ops.select(change, mean, shift),
+                ops.select(change, ops.lerp(running_mean, mean, factor), running_mean),
+                ops.select(change, ops.lerp(running_var, unbiased, factor), running_var),
+                updated.astype(ms.int64).reshape(()))
 
 
 class Guard(nn.Cell):
-    """values (M,) float32, code (1+T,) float32 -> values (M,) float32: `values` where code[0]
-    is 0, NaN everywhere otherwise (the text code[1:] is not used).
+    """values (M,) float32, code (1,) float32, text (unused) -> values (M,) float32: `values`
+    where code is 0, NaN everywhere otherwise. Two kernels (NotEqual, MaskedFill).
 
     The guard contract without a branch: on Ascend a branch on a tensor needs the value on
     the host, a device-to-host round trip per layer and step, and no native kernel fails on
@@ -65,9 +69,8 @@ class Guard(nn.Cell):
     carried: run the job on CPU, whose Guard kernel names it (README, "Errors").
     """
 
-    def construct(self, values, code):
-        passed = (code[:1] == 0.0).astype(values.dtype)  # (1,): 1 or 0
-        return values * (passed / passed)  # x * 1, or x * (0 / 0) = NaN; (M,) * (1,) -> (M,)
+    def construct(self, values, code, text):
+        return ops.masked_fill(values, code != 0.0, float("nan"))  # (M,), (1,) -> (M,)
 
 
 class Fingerprint(nn.Cell):

@@ -7,7 +7,7 @@ import glob
 import os
 
 import mindspore as ms
-from mindspore import ops
+from mindspore import nn, ops
 
 from ms_syncbn.kernels import BatchNormKernels
 
@@ -44,6 +44,37 @@ def _custom(symbol: str, out_shape, out_dtype):
                          out_dtype=out_dtype, func_type="aot")
 
 
+class _Guard(nn.Cell):
+    """values (M,) f32, code (1,) f32, text (T,) f32 -> values, or a RuntimeError carrying the
+    code and naming the layer (the ``Guard`` kernel reads [code | text]). No branch here: the
+    same Cell runs in the function's construct and in its bprop (kernels/ascend.py)."""
+
+    def __init__(self):
+        super().__init__()
+        # values (M,) f32, [code | text] (1+T,) f32 -> values
+        self.kernel = _custom("Guard", lambda values, code: values, lambda values, code: values)
+
+    def construct(self, values, code, text):
+        return self.kernel(values, ops.cat((code, text)))
+
+
+class _UpdateStats(nn.Cell):
+    """The update_stats contract over the ``UpdateStats`` kernel, which takes kept = (code == 0)
+    and returns them packed (3C+1,) [shift' | running_mean' | running_var' | updated]."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernel = _custom("UpdateStats", lambda m, v, n, k, s, rm, rv, f: (3 * m[0] + 1,),
+                              lambda m, v, n, k, s, rm, rv, f: ms.float32)
+
+    def construct(self, mean, var, count, code, shift, running_mean, running_var, factor):
+        channels = mean.shape[0]
+        kept = (code == 0.0).astype(ms.float32)  # (1,) 1 or 0
+        state = self.kernel(mean, var, count, kept, shift, running_mean, running_var, factor)
+        return (state[:channels], state[channels:2 * channels], state[2 * channels:3 * channels],
+                state[3 * channels:].astype(ms.int64).reshape(()))
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_kernels() -> BatchNormKernels:
     """The CPU table; primitives are created once per process and shared by all layers."""
@@ -63,11 +94,11 @@ def cpu_kernels() -> BatchNormKernels:
         # sums (3C+2,), params (4,) -> (3C+3,) f32
         finalize_stats=_custom("FinalizeStats", lambda sums, p: (sums[0] + 1,),
                                lambda sums, p: ms.float32),
-        # mean, var, count, kept, shift, running_mean, running_var, factor -> (3C+1,) f32
-        update_stats=_custom("UpdateStats", lambda m, v, n, k, s, rm, rv, f: (3 * m[0] + 1,),
-                             lambda m, v, n, k, s, rm, rv, f: ms.float32),
-        # values (M,) f32, code (1,) f32 -> values, or a RuntimeError carrying the code
-        guard=_custom("Guard", lambda values, code: values, lambda values, code: values),
+        # mean, var, count, code, shift, running_mean, running_var, factor
+        #   -> shift', running_mean', running_var' (C,) f32, increment () int64
+        update_stats=_UpdateStats(),
+        # values (M,) f32, code (1,) f32, text -> values, or a RuntimeError carrying the code
+        guard=_Guard(),
         # mean, invstd (C,), count (1,), modulus (1,) -> (1,) f32
         fingerprint=_custom("Fingerprint", lambda m, s, n, q: (1,), lambda m, s, n, q: ms.float32),
     )
