@@ -127,6 +127,7 @@ class SyncBatchNormFunction(Float32Cell):
         self.no_code = Tensor([0.0], ms.float32)
         self.channels_differ_code = Tensor([GUARD_CHANNELS_DIFFER], ms.float32)
         self.single_value_code = Tensor([GUARD_SINGLE_VALUE], ms.float32)
+        self.mispaired_code = Tensor([GUARD_MISPAIRED], ms.float32)
         self.reshift_params = Tensor([RESHIFT_RATIO, RESHIFT_MEAN_TOLERANCE], ms.float32)
         self.all_reduce = all_reduce
         self.group_size = group_size
@@ -224,20 +225,30 @@ class SyncBatchNormFunction(Float32Cell):
         dy = dout[0]
         mean, invstd, count = out[1], out[2], out[4]
         channels = mean.shape[0]
-        # dy, x, mean -> (2C,) local [sum(dy) | sum(dy*(x-mean))]
+        # dy, x, mean, invstd -> local sum(dy), sum(dy*(x-mean)) and the weight/bias gradients,
+        # which stay local: data parallelism sums them over ranks.
         # After invstd, i.e. after the forward's last all-reduce: in a compiled step nothing
         # else orders the backward all-reduce after the moments protocol's second one, and
         # ranks that issue them in different orders pair them with each other (an empty rank
         # did, in the emulated-Ascend tier: tests/test_ascend_emulated.py).
-        local_sums = ops.depend(self.backward_reduce(dy, x, mean), invstd)
-        # weight/bias gradients stay local: data parallelism sums them over ranks.
-        grad_weight = local_sums[channels:] * invstd
-        grad_bias = local_sums[:channels]
+        sum_dy, sum_dy_xmu, grad_weight, grad_bias = self.backward_reduce(
+            dy, x, ops.depend(mean, invstd), invstd)
         if self.check_pairing:
-            group_sums = self._checked_group_sum(local_sums, mean, invstd, count)
+            # (C,), (C,), (1,) -> (2C+1,) with the layer's fingerprint in the last slot
+            tag = self.fingerprint(mean, invstd, count, self.fingerprint_modulus)
+            reduced = self.all_reduce(ops.cat((sum_dy, sum_dy_xmu, tag)))
+            group_dy, group_dy_xmu, reduced_tag = self.split(reduced, (channels, channels, 1))
+            # Another layer application's collective was paired with ours when the tags do not
+            # add up (integers: exact in float32). No branch: the guard passes sum(dy) through
+            # or stops the step (CPU: raises; Ascend: NaN, and so dx).
+            code = ops.select(reduced_tag != tag * self.group_size, self.mispaired_code, self.no_code)
+            group_dy = self.stop_if(group_dy, code)
+        elif self.synchronized:
+            group_dy, group_dy_xmu = self.split(self.all_reduce(ops.cat((sum_dy, sum_dy_xmu))),
+                                                (channels, channels))
         else:
-            group_sums = self._group_sum(local_sums)
-        dx = self.backward_elemt(dy, x, mean, invstd, weight, group_sums, count)
+            group_dy, group_dy_xmu = sum_dy, sum_dy_xmu
+        dx = self.backward_elemt(dy, x, mean, invstd, weight, group_dy, group_dy_xmu, count)
         return dx, grad_weight, grad_bias, ops.zeros_like(shift), ops.zeros_like(eps)
 
     def describe(self, where):
@@ -248,17 +259,6 @@ class SyncBatchNormFunction(Float32Cell):
         """values (M,), code (1,) float32 -> values; a code other than 0 stops the step (guard kernel)
         with an error naming this layer and saying what the code means."""
         return self.guard(values, code, self.guard_text)
-
-    def _checked_group_sum(self, local_sums, mean, invstd, count):
-        """(2C,) -> (2C,) group sums; raises (guard) if another layer's collective was paired with ours."""
-        # (C,), (C,), (1,) -> (1,): an integer in [1, modulus], the same on every rank of the
-        # group (the statistics are all-reduced, identical bit for bit); NaN and Inf count as 0.
-        tag = self.fingerprint(mean, invstd, count, self.fingerprint_modulus)
-        reduced = self.all_reduce(ops.cat((local_sums, tag)))  # (2C+1,)
-        mispaired = ops.abs(reduced[-1:] - tag * self.group_size) > 0.5
-        code = mispaired.astype(ms.float32) * GUARD_MISPAIRED  # (1,): 0 or the error code
-        # No branch: the guard kernel passes the sums through or stops the step.
-        return self.stop_if(reduced[:-1], code)
 
 
 class FrozenStatsNormalize(Float32Cell):
@@ -278,10 +278,9 @@ class FrozenStatsNormalize(Float32Cell):
         return self.normalize(x, mean, invstd, weight, bias)
 
     def bprop(self, x, mean, invstd, weight, bias, out, dout):
-        local_sums = self.backward_reduce(dout, x, mean)  # (2C,)
-        channels = mean.shape[0]
+        _, _, grad_weight, grad_bias = self.backward_reduce(dout, x, mean, invstd)
         # With zero sums backward_elemt reduces to dx = weight * invstd * dy.
-        no_sums = ops.zeros_like(local_sums)
-        dx = self.backward_elemt(dout, x, mean, invstd, weight, no_sums, ops.ones((1,), ms.float32))
-        return (dx, ops.zeros_like(mean), ops.zeros_like(invstd),
-                local_sums[channels:] * invstd, local_sums[:channels])
+        no_sums = ops.zeros_like(mean)
+        dx = self.backward_elemt(dout, x, mean, invstd, weight, no_sums, no_sums,
+                                 ops.ones((1,), ms.float32))
+        return dx, ops.zeros_like(mean), ops.zeros_like(invstd), grad_weight, grad_bias

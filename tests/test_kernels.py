@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 import mindspore as ms
-from mindspore import nn
+from mindspore import nn, ops
 
 from ms_syncbn.kernels import (GUARD_CHANNELS_DIFFER, GUARD_CODES, GUARD_MEANINGS, GUARD_MISPAIRED,
                                GUARD_SINGLE_VALUE, guard_message, guard_text)
@@ -130,6 +130,19 @@ def normalize_ref(x, mean, invstd, weight, bias):
     a = channel_view(weight * invstd, nd)
     centred = (x - channel_view(mean, nd)) * a
     return centred + channel_view(bias, nd), np.abs(centred) + np.abs(channel_view(bias, nd))
+
+
+def reduce_packed(table, dy, x, mean):
+    """The table's backward_reduce as (2C,) [sum(dy) | sum(dy*(x-mean))] (the references' form);
+    its gradients: test_backward_reduce_gives_the_local_weight_and_bias_gradients."""
+    sum_dy, sum_dy_xmu, _, _ = table.backward_reduce(dy, x, mean, ops.ones_like(mean))
+    return ops.cat((sum_dy, sum_dy_xmu))
+
+
+def elemt_packed(table, dy, x, mean, invstd, weight, sums, count):
+    """The table's backward_elemt with the group sums given as (2C,) (the references' form)."""
+    channels = mean.shape[0]
+    return table.backward_elemt(dy, x, mean, invstd, weight, sums[:channels], sums[channels:], count)
 
 
 def backward_reduce_ref(dy, x, mean):
@@ -266,7 +279,7 @@ def test_backward_reduce(kernels, shape, dtype):
     x, x64 = make_input(rng, shape, dtype, loc=0.3)
     dy, dy64 = make_input(rng, shape, dtype)
     mean, mean64 = f32(rng.normal(0.3, 0.2, shape[1]))
-    out = kernels.backward_reduce(dy, x, mean)
+    out = reduce_packed(kernels, dy, x, mean)
     assert out.shape == (2 * shape[1],)
     ref, scale = backward_reduce_ref(dy64, x64, mean64)
     assert_sums_close(out, ref, scale, dtype, "backward_reduce")
@@ -278,7 +291,7 @@ def test_backward_reduce_large_mean(kernels, dtype):
     x, x64 = make_input(rng, (8, 3, 7, 9), dtype, loc=1.0e4)
     dy, dy64 = make_input(rng, (8, 3, 7, 9), dtype)
     mean, mean64 = f32(x64.mean(axis=(0, 2, 3)))
-    out = kernels.backward_reduce(dy, x, mean)
+    out = reduce_packed(kernels, dy, x, mean)
     ref, scale = backward_reduce_ref(dy64, x64, mean64)
     assert_sums_close(out, ref, scale, dtype, "backward_reduce large mean")
 
@@ -288,7 +301,7 @@ def test_backward_reduce_large_mean(kernels, dtype):
 def test_backward_reduce_empty_batch_is_all_zeros(kernels, shape, dtype):
     zeros = ms.Tensor(np.zeros(shape, np.float32)).astype(DTYPES[dtype])
     mean, _ = f32(np.ones(shape[1]))
-    out = kernels.backward_reduce(zeros, zeros, mean).asnumpy()
+    out = reduce_packed(kernels, zeros, zeros, mean).asnumpy()
     np.testing.assert_array_equal(out, np.zeros(2 * shape[1], np.float32))
 
 
@@ -311,7 +324,7 @@ def elemt_inputs(rng, shape, dtype, loc=0.0):
 def test_backward_elemt(kernels, shape, dtype):
     rng = np.random.default_rng(seed(shape, dtype, "e"))
     args, args64 = elemt_inputs(rng, shape, dtype)
-    dx = kernels.backward_elemt(*args)
+    dx = elemt_packed(kernels, *args)
     assert dx.dtype == args[1].dtype and dx.shape == shape
     ref, scale = backward_elemt_ref(*args64)
     assert_close(to_f64(dx), ref, scale, dtype, ELEM_RTOL, "backward_elemt")
@@ -322,7 +335,7 @@ def test_backward_elemt_large_mean(kernels, dtype):
     rng = np.random.default_rng(17)
     args, args64 = elemt_inputs(rng, (6, 4, 5, 7), dtype, loc=1.0e4)
     ref, scale = backward_elemt_ref(*args64)
-    assert_close(to_f64(kernels.backward_elemt(*args)), ref, scale, dtype, ELEM_RTOL,
+    assert_close(to_f64(elemt_packed(kernels, *args)), ref, scale, dtype, ELEM_RTOL,
                  "backward_elemt large mean")
 
 
@@ -332,7 +345,7 @@ def test_backward_elemt_zero_count_is_treated_as_one(kernels):
     args = args[:-1] + (ms.Tensor(np.zeros(1, np.float32)),)
     args64 = args64[:-1] + (np.zeros(1),)
     ref, scale = backward_elemt_ref(*args64)
-    assert_close(to_f64(kernels.backward_elemt(*args)), ref, scale, "float32", ELEM_RTOL,
+    assert_close(to_f64(elemt_packed(kernels, *args)), ref, scale, "float32", ELEM_RTOL,
                  "backward_elemt count 0")
 
 
@@ -341,7 +354,7 @@ def test_backward_elemt_zero_count_is_treated_as_one(kernels):
 def test_backward_elemt_empty_batch(kernels, shape, dtype):
     rng = np.random.default_rng(23)
     args, _ = elemt_inputs(rng, shape, dtype)
-    dx = kernels.backward_elemt(*args)
+    dx = elemt_packed(kernels, *args)
     assert dx.shape == shape and dx.dtype == args[1].dtype
 
 
@@ -359,9 +372,9 @@ class AllKernels(nn.Cell):
     def construct(self, x, dy, shift, mean, invstd, weight, bias, count):
         stats = self.local_stats(x, shift)
         y = self.normalize(x, mean, invstd, weight, bias)
-        sums = self.backward_reduce(dy, x, mean)
-        dx = self.backward_elemt(dy, x, mean, invstd, weight, sums, count)
-        return stats, y, sums, dx
+        sum_dy, sum_dy_xmu, _, _ = self.backward_reduce(dy, x, mean, invstd)
+        dx = self.backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
+        return stats, y, ops.cat((sum_dy, sum_dy_xmu)), dx
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -576,7 +589,29 @@ def test_kernel_payload_sizes_depend_only_on_channels(kernels, channels, batch):
     shift = ms.Tensor(np.zeros(channels, np.float32))
     mean = shift
     assert kernels.local_stats(x, shift).shape == (3 * channels + 1,)
-    assert kernels.backward_reduce(x, x, mean).shape == (2 * channels,)
+    assert [s.shape for s in kernels.backward_reduce(x, x, mean, mean)] == [(channels,)] * 4
+
+
+@pytest.mark.parametrize("table", ["cpu", "ascend_emulated"])
+def test_backward_reduce_gives_the_local_weight_and_bias_gradients(table):
+    """grad_weight = sum(dy*(x-mean)) * invstd and grad_bias = sum(dy), float32, on both tables."""
+    from tests.ascend_emulation import emulated_ascend_kernels
+
+    kernels = cpu_kernels() if table == "cpu" else emulated_ascend_kernels("a2")
+    rng = np.random.default_rng(5)
+    x = rng.normal(3.0, 2.0, (4, 3, 5)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    mean = x.mean(axis=(0, 2))
+    invstd = rng.uniform(0.5, 2.0, 3).astype(np.float32)
+    outs = kernels.backward_reduce(*(ms.Tensor(v) for v in (dy, x, mean, invstd)))
+    sum_dy, sum_dy_xmu, grad_weight, grad_bias = (o.asnumpy() for o in outs)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    want = (dy64 * (x64 - mean.astype(np.float64)[None, :, None])).sum(axis=(0, 2))
+    np.testing.assert_allclose(sum_dy_xmu, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad_weight, want * invstd, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(grad_bias, sum_dy)
+    np.testing.assert_allclose(sum_dy, dy64.sum(axis=(0, 2)), rtol=1e-5, atol=1e-5)
+    assert {o.dtype for o in outs} == {ms.float32}
 
 
 def test_library_reports_an_instruction_set():
@@ -798,24 +833,23 @@ def fingerprint_ref(mean, invstd, count, modulus):
     with np.errstate(over="ignore", invalid="ignore"):
         scaled = values * np.float32(2.0 ** 12)
     scaled = np.where(np.isfinite(scaled), scaled, np.float32(0.0)).astype(np.float32)
-    wrapped = scaled - np.float32(2.0 ** 20) * np.floor(scaled * np.float32(2.0 ** -20))
-    digest = sum((int(bits) % modulus) * ((1103 * i + 1) % modulus) % modulus
-                 for i, bits in enumerate(wrapped.astype(np.float32)))
-    return float(digest % modulus + 1)
+    wrapped = scaled - np.float32(2.0 ** 14) * np.floor(scaled * np.float32(2.0 ** -14))
+    assert np.all((wrapped >= 0) & (wrapped <= 2 ** 14))  # -tiny wraps to 2^14 (rounding)
+    return float(sum(int(bits) for bits in wrapped.astype(np.float32)) % modulus)
 
 
 FINGERPRINT_CASES = [
     ([np.nan, np.inf, -np.inf], [np.nan, 1.0, np.inf], 5.0),  # non-finite values count as 0
     ([0.0, 0.0], [1.0 / np.sqrt(1e-5)] * 2, 0.0),  # an all-empty group step
     ([3e38, -3e38], [1e-30, 316.0], 2.0 ** 24),  # overflow after scaling counts as 0
-    ([-1e-10, -7.25, 123456.789], [0.5, 2.0, 1e4], 17.0),  # negative values wrap into [0, 2^20]
+    ([-1e-10, -7.25, 123456.789], [0.5, 2.0, 1e4], 17.0),  # negative values wrap into [0, 2^14)
 ]
 
 
 @pytest.mark.parametrize("implementation", ["cpu_kernel", "composite"])
 @pytest.mark.parametrize("modulus", [8191.0, 4095.0, 1.0])
 def test_fingerprint_follows_its_contract(kernels, implementation, modulus):
-    """Both forms give the contract's integer in [1, modulus], bit for bit, on random statistics
+    """Both forms give the contract's integer in [0, modulus), bit for bit, on random statistics
     and edge cases; different statistics almost never share one."""
     fingerprint = kernels.fingerprint if implementation == "cpu_kernel" else CompositeFingerprint()
     rng = np.random.default_rng(int(modulus))
@@ -827,7 +861,7 @@ def test_fingerprint_follows_its_contract(kernels, implementation, modulus):
         assert out.shape == (1,) and out.dtype == np.float32
         assert out[0] == fingerprint_ref(np.asarray(mean, np.float32), np.asarray(invstd, np.float32),
                                          np.float32(count), int(modulus))
-        assert 1 <= out[0] <= modulus
+        assert 0 <= out[0] < modulus
         return float(out[0])
 
     seen = set()
@@ -846,5 +880,5 @@ def test_fingerprint_rejects_a_malformed_call(kernels):
     c, one = ms.Tensor(np.ones(3, np.float32)), ms.Tensor(np.ones(1, np.float32))
     with pytest.raises(RuntimeError, match=r"is 1\b"):  # invstd of the wrong length
         kernels.fingerprint(c, ms.Tensor(np.ones(4, np.float32)), one, one).asnumpy()
-    with pytest.raises(RuntimeError, match=r"is 1\b"):  # modulus 0: no integer in [1, 0]
+    with pytest.raises(RuntimeError, match=r"is 1\b"):  # modulus 0: no integer in [0, 0)
         kernels.fingerprint(c, c, one, ms.Tensor(np.zeros(1, np.float32))).asnumpy()

@@ -9,9 +9,12 @@ kernel              inputs                                                     o
 local_stats         x, shift (C,)                                              (3C+1,) float32:
                                                                                [sum(x-K), sum((x-K)^2), n*K, n]
 normalize           x, mean, invstd, weight, bias                              y, dtype of x
-backward_reduce     dy, x, mean                                                (2C,) float32:
-                                                                               [sum(dy), sum(dy*(x-mean))]
-backward_elemt      dy, x, mean, invstd, weight, sums (2C,), count (1,)        dx, dtype of x
+backward_reduce     dy, x, mean, invstd                                        sum(dy),
+                                                                               sum(dy*(x-mean)),
+                                                                               grad_weight, grad_bias
+                                                                               (C,) float32
+backward_elemt      dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu (C,),      dx, dtype of x
+                    count (1,)
 finalize_stats      sums (3C+2,): [sum(x-K), sum((x-K)^2), n*K, n, C] summed   (3C+3,) float32:
                     over the group; params (4,): [group size, eps,             [mean | invstd | var |
                     reshift ratio, mean tolerance]                             channels differ | count |
@@ -22,12 +25,16 @@ update_stats        mean, var (C,), count (1,), code (1,), shift,              s
 guard               values (M,) float32, code (1,) float32, text (T,)          values, or the step
                     float32 (may be empty)                                     stops (see below)
 fingerprint         mean, invstd (C,), count (1,), modulus (1,)                (1,) float32: an
-                                                                               integer in [1, modulus]
+                                                                               integer in [0, modulus)
 local_moments       x                                                          mean_i, var_i (C,)
 (optional)                                                                     float32
 ==================  =========================================================  ==================
 
-Sums are over the local batch; kernels never communicate. An entry is a
+Sums are over the local batch; kernels never communicate. backward_reduce's weight and
+bias gradients (sum(dy*(x-mean)) * invstd and sum(dy)) are the local ones: data parallelism
+sums them over the ranks. Per-channel results are separate tensors, not one packed
+buffer: a native kernel gives them so, and packing then slicing them again would cost
+kernels on a table of composites. An entry is a
 primitive or a Cell, so it can be called from ``construct`` in PyNative and in
 graph mode.
 
@@ -46,8 +53,7 @@ the code on the host.
 ``fingerprint`` hashes a layer application's group statistics (identical on every
 rank) to a small integer, which the backward payload carries to catch two layers'
 collectives paired with each other; ``Fingerprint`` in ops/cpu/syncbn_cpu.cc states the
-arithmetic, with the constants :data:`FINGERPRINT_SCALE`, :data:`FINGERPRINT_WRAP` and
-:data:`FINGERPRINT_MULTIPLIER`.
+arithmetic, with the constants :data:`FINGERPRINT_SCALE` and :data:`FINGERPRINT_WRAP`.
 
 ``local_moments`` (mean_i and the biased variance var_i = sum((x - mean_i)^2) / n_i over the
 local batch, zeros for an empty batch; n_i, the number of values per channel, is the static
@@ -69,12 +75,11 @@ GUARD_SINGLE_VALUE = 3.0  # the group's batch holds 1 value per channel in train
 GUARD_MISPAIRED = 4.0  # a backward all-reduce was paired with another layer's
 GUARD_CODES = (GUARD_CHANNELS_DIFFER, GUARD_SINGLE_VALUE, GUARD_MISPAIRED)
 
-# The fingerprint's hash (the contract of the ``fingerprint`` kernel): bits of the
-# statistics that enter it are value * 2**12 modulo 2**20, and element i of
-# [mean | invstd | count] has weight (i * FINGERPRINT_MULTIPLIER + 1) mod modulus.
+# The fingerprint's hash (the contract of the ``fingerprint`` kernel): the bits of each
+# statistic that enter it are value * 2**12 modulo 2**14, summed over [mean | invstd | count]
+# and taken modulo the modulus.
 FINGERPRINT_SCALE = 2.0 ** 12
-FINGERPRINT_WRAP = 2.0 ** 20
-FINGERPRINT_MULTIPLIER = 1103
+FINGERPRINT_WRAP = 2.0 ** 14
 
 # code -> which check stopped the step, what it saw, and the causes that fit.
 GUARD_MEANINGS = {

@@ -156,7 +156,8 @@ class _LocalMoments(nn.Cell):
 
 
 class _BackwardReduce(nn.Cell):
-    """dy, x, mean -> (2C,) f32: [sum(dy), sum(dy*(x-mean))].
+    """dy, x, mean, invstd -> sum(dy), sum(dy*(x-mean)), grad_weight, grad_bias (C,) float32,
+    from one BatchNormReduceGrad (its weight and bias gradients are the last two).
 
     The kernel gets x - mean (float32) and a zero mean: it sums dy*x and subtracts
     mean*sum(dy) in float32, which would cancel at large |mean|/std; in float32 its sums
@@ -168,33 +169,32 @@ class _BackwardReduce(nn.Cell):
         super().__init__()
         self.reduce_grad = native.BatchNormReduceGrad()
 
-    def construct(self, dy, x, mean):
+    def construct(self, dy, x, mean, invstd):
         channels = x.shape[1]
         if x.size == 0:  # static shape: decided at compile time, no graph branch
-            # Zeros that still wait for mean and dy, as the kernel would.
-            sums = ops.depend(ops.depend(ops.zeros((2 * channels,), ms.float32), mean), dy)
+            # Zeros that still wait for mean, invstd and dy, as the kernel would.
+            zeros = ops.depend(ops.depend(ops.depend(ops.zeros((channels,), ms.float32), mean),
+                                          invstd), dy)
+            sums = (zeros, zeros, zeros, zeros)
         else:
             centred = _as_float32(x) - mean.reshape(_per_channel_shape(x))  # (N, C, *) float32
-            zeros = ops.zeros_like(mean)
-            ones = ops.ones_like(mean)
-            sum_dy, sum_dy_xmu, _, _ = self.reduce_grad(_as_float32(dy), centred, zeros, ones, ones,
-                                                        True, False, False)  # (C,), (C,) float32
-            sums = ops.cat((sum_dy, sum_dy_xmu))
+            # (C,) float32 each; weight only types grad_weight (float32): ones, a constant
+            sums = self.reduce_grad(_as_float32(dy), centred, ops.zeros_like(mean), invstd,
+                                    ops.ones_like(mean), True, True, True)
         return sums
 
 
 class _BackwardElemt(nn.Cell):
-    """dy, x, mean, invstd, weight, sums (2C,), count (1,) -> dx, dtype of x."""
+    """dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu (C,), count (1,) -> dx, dtype of x."""
 
     def __init__(self):
         super().__init__()
         self.elemt_grad = native.BatchNormElemtGrad()
 
-    def construct(self, dy, x, mean, invstd, weight, sums, count):
+    def construct(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
         if x.size == 0:  # static shape: nothing to compute (but after the group sums)
-            dx = ops.depend(ops.depend(ops.zeros_like(x), sums), invstd)
+            dx = ops.depend(ops.depend(ops.depend(ops.zeros_like(x), sum_dy), sum_dy_xmu), invstd)
         else:
-            sum_dy, sum_dy_xmu = ops.split(sums, x.shape[1])
             dx = _like(self.elemt_grad(_elemt_input(dy), _elemt_input(x), mean, invstd, weight,
                                        sum_dy, sum_dy_xmu, count.astype(ms.int32)), x)
         return dx

@@ -75,6 +75,36 @@ class _UpdateStats(nn.Cell):
                 state[3 * channels:].astype(ms.int64).reshape(()))
 
 
+class _BackwardReduce(nn.Cell):
+    """dy, x, mean, invstd -> sum(dy), sum(dy*(x-mean)), grad_weight, grad_bias (C,) f32, from the
+    ``BackwardReduce`` kernel's (2C,) [sum(dy) | sum(dy*(x-mean))]."""
+
+    def __init__(self):
+        super().__init__()
+        # dy, x, mean -> (2C,) f32
+        self.kernel = _custom("BackwardReduce", lambda dy, x, m: (2 * x[1],),
+                              lambda dy, x, m: ms.float32)
+
+    def construct(self, dy, x, mean, invstd):
+        sums = self.kernel(dy, x, mean)
+        sum_dy, sum_dy_xmu = sums[:x.shape[1]], sums[x.shape[1]:]
+        return sum_dy, sum_dy_xmu, sum_dy_xmu * invstd, sum_dy
+
+
+class _BackwardElemt(nn.Cell):
+    """dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu (C,), count (1,) -> dx like x, through the
+    ``BackwardElemt`` kernel, which takes the sums as one (2C,) input."""
+
+    def __init__(self):
+        super().__init__()
+        # dy, x, mean, invstd, weight, sums (2C,), count (1,) -> dx like x
+        self.kernel = _custom("BackwardElemt", lambda dy, x, m, s, w, sums, n: x,
+                              lambda dy, x, m, s, w, sums, n: x)
+
+    def construct(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+        return self.kernel(dy, x, mean, invstd, weight, ops.cat((sum_dy, sum_dy_xmu)), count)
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_kernels() -> BatchNormKernels:
     """The CPU table; primitives are created once per process and shared by all layers."""
@@ -85,12 +115,10 @@ def cpu_kernels() -> BatchNormKernels:
                             lambda x, shift: ms.float32),
         # x, mean, invstd, weight, bias -> y like x
         normalize=_custom("Normalize", lambda x, m, s, w, b: x, lambda x, m, s, w, b: x),
-        # dy, x, mean -> (2C,) f32
-        backward_reduce=_custom("BackwardReduce", lambda dy, x, m: (2 * x[1],),
-                                lambda dy, x, m: ms.float32),
-        # dy, x, mean, invstd, weight, sums (2C,), count (1,) -> dx like x
-        backward_elemt=_custom("BackwardElemt", lambda dy, x, m, s, w, sums, n: x,
-                               lambda dy, x, m, s, w, sums, n: x),
+        # dy, x, mean, invstd -> sum(dy), sum(dy*(x-mean)), grad_weight, grad_bias (C,) f32
+        backward_reduce=_BackwardReduce(),
+        # dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu (C,), count (1,) -> dx like x
+        backward_elemt=_BackwardElemt(),
         # sums (3C+2,), params (4,) -> (3C+3,) f32
         finalize_stats=_custom("FinalizeStats", lambda sums, p: (sums[0] + 1,),
                                lambda sums, p: ms.float32),

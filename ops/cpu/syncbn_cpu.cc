@@ -311,20 +311,19 @@ extern "C" int UpdateStats(int nparam, void **params, int *ndims, int64_t **shap
 }
 
 // Fingerprint: mean (C,), invstd (C,), count (1,), modulus (1,), all float32
-//   -> (1,) float32, an integer in [1, modulus].
+//   -> (1,) float32, an integer in [0, modulus).
 // Names one application of a layer in one step identically on every rank of the
 // group (the statistics are all-reduced, so every rank holds them bit for bit),
-// in one call instead of some twenty operators. Over the 2C+1 values
-// v_i of [mean | invstd | count], in float32 then integers (the same rounding
-// as the composite form, ms_syncbn.kernels.composite.Fingerprint):
+// in one call. Over the 2C+1 values v_i of [mean | invstd | count], in float32
+// then integers (the same arithmetic as the composite form,
+// ms_syncbn.kernels.composite.Fingerprint, written for few Ascend kernels):
 //   s_i = v_i * 2^12, or 0 if that is not finite
-//   b_i = int(s_i - 2^20 * floor(s_i * 2^-20)) mod modulus     (wrapped to [0, 2^20])
-//   w_i = (1103 * i + 1) mod modulus
-//   fingerprint = (sum_i (b_i * w_i mod modulus)) mod modulus + 1
-// Every float32 step is exact (products by powers of two, an integer times
-// 2^20 subtracted from a float32 of the same magnitude) but the first, which is
-// correctly rounded; the integers stay below 2^63. modulus must be an integer
-// in [1, 2^24) (the caller keeps group size * modulus < 2^24, so the
+//   b_i = int(s_i - 2^14 * floor(s_i * 2^-14))   (s_i mod 2^14 in [0, 2^14], truncated)
+//   fingerprint = (sum_i b_i) mod modulus
+// Every float32 step is exact (products by powers of two, an integer multiple of
+// 2^14 subtracted from a float32 of the same magnitude) but the first, which is
+// correctly rounded; the sum stays below 2^31 while C < 65535. modulus must be an
+// integer in [1, 2^24) (the caller keeps group size * modulus < 2^24, so the
 // all-reduced sum of W equal fingerprints is exact in float32).
 extern "C" int Fingerprint(int nparam, void **params, int *ndims, int64_t **shapes,
                            const char **dtypes, void *, void *) {
@@ -342,18 +341,15 @@ extern "C" int Fingerprint(int nparam, void **params, int *ndims, int64_t **shap
                            static_cast<const float *>(params[2])};
   const int64_t lengths[3] = {channels, channels, 1};
   int64_t digest = 0;
-  int64_t i = 0;  // index in [mean | invstd | count]
   for (int part = 0; part < 3; ++part) {
-    for (int64_t j = 0; j < lengths[part]; ++j, ++i) {
+    for (int64_t j = 0; j < lengths[part]; ++j) {
       float scaled = parts[part][j] * 4096.0f;
       if (!std::isfinite(scaled)) scaled = 0.0f;
-      const float wrapped = scaled - 1048576.0f * std::floor(scaled * (1.0f / 1048576.0f));
-      const int64_t bits = static_cast<int64_t>(static_cast<int32_t>(wrapped)) % modulus;
-      const int64_t weight = (1103 * i + 1) % modulus;
-      digest = (digest + bits * weight % modulus) % modulus;
+      const float wrapped = scaled - 16384.0f * std::floor(scaled * (1.0f / 16384.0f));
+      digest += static_cast<int64_t>(wrapped);
     }
   }
-  *static_cast<float *>(params[4]) = static_cast<float>(digest + 1);
+  *static_cast<float *>(params[4]) = static_cast<float>(digest % modulus);
   return 0;
 }
 
