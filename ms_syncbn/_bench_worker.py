@@ -98,8 +98,8 @@ def main():
         def construct(self, x, dy, mean, invstd, weight, bias, count):
             stats = self.local_stats(x, mean)
             y = self.normalize(x, mean, invstd, weight, bias)
-            sums = self.backward_reduce(dy, x, mean)
-            dx = self.backward_elemt(dy, x, mean, invstd, weight, sums, count)
+            sum_dy, sum_dy_xmu, _, _ = self.backward_reduce(dy, x, mean, invstd)
+            dx = self.backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
             return stats, y, dx
 
     class TwoAllReduces(nn.Cell):

@@ -447,4 +447,4 @@ class SyncBatchNorm(Float32Cell):
         if tracked:
             ops.assign(self.running_mean, new_mean.astype(self.param_dtype))
             ops.assign(self.running_var, new_var.astype(self.param_dtype))
-            ops.assign(self.num_batches_tracked, self.num_batches_tracked + increment)
+            ops.assign_add(self.num_batches_tracked, increment)

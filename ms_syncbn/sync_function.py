@@ -128,7 +128,8 @@ class SyncBatchNormFunction(Float32Cell):
         self.channels_differ_code = Tensor([GUARD_CHANNELS_DIFFER], ms.float32)
         self.single_value_code = Tensor([GUARD_SINGLE_VALUE], ms.float32)
         self.mispaired_code = Tensor([GUARD_MISPAIRED], ms.float32)
-        self.reshift_params = Tensor([RESHIFT_RATIO, RESHIFT_MEAN_TOLERANCE], ms.float32)
+        self.reshift_params = Tensor([RESHIFT_RATIO, RESHIFT_MEAN_TOLERANCE, GUARD_CHANNELS_DIFFER,
+                                      GUARD_SINGLE_VALUE], ms.float32)
         self.all_reduce = all_reduce
         self.group_size = group_size
         self.synchronized = all_reduce is not None
@@ -139,41 +140,36 @@ class SyncBatchNormFunction(Float32Cell):
         return local_sums
 
     def _group_stats(self, x, shift, finalize_params):
-        """x (N, C, *), shift (C,), finalize_params (4,) -> (3C+3,) [mean | invstd | var |
-        channels differ | count | needs reshift], the group's statistics (finalize_stats),
-        identical on every rank."""
+        """x (N, C, *), shift (C,), finalize_params (6,) -> mean, invstd, var (C,), code, count,
+        needs reshift (1,): the group's statistics (finalize_stats), identical on every rank."""
         channels = x.shape[1]
         # (3C+1,) local sums, and one more slot carrying C: ranks whose layers disagree on
         # num_features send buffers of different lengths, which the all-reduce does not
         # detect by itself.
         sums = ops.cat((self.local_stats(x, shift), ops.fill(ms.float32, (1,), float(channels))))
-        return self.finalize_stats(self._group_sum(sums), finalize_params)  # (3C+2,) -> (3C+3,)
+        return self.finalize_stats(self._group_sum(sums), finalize_params)  # (3C+2,) -> 6 tensors
 
     def construct(self, x, weight, bias, shift, eps):
         channels = x.shape[1]
         if self.two_pass:  # a static choice of the kernel table: no branch in the graph
             mean, invstd, var, count, code = self._group_moments_stats(x, eps)
         else:
-            # (1,), (1,), (2,) -> (4,) [group size | eps | re-centring ratio | tolerance]
+            # (1,), (1,), (4,) -> (6,) [group size | eps | re-centring ratio | tolerance | the
+            # codes of "channels differ" and "single value"]
             finalize_params = ops.cat((self.group_size_value, eps, self.reshift_params))
-            stats = self._group_stats(x, shift, finalize_params)
+            mean, invstd, var, code, count, reshift = self._group_stats(x, shift, finalize_params)
             # The one branch on a tensor: hidden from autodiff by bprop, and rare to be taken.
             # Never with mismatched layers (finalize_stats says no): their sums are garbage, and a
             # second collective could wait forever for the rank whose all-reduce already failed.
-            if stats[3 * channels + 2] > 0.5:
-                stats = self._group_stats(x, stats[:channels], finalize_params)
-            mean, invstd, var = (stats[:channels], stats[channels:2 * channels],
-                                 stats[2 * channels:3 * channels])
-            channels_differ = stats[3 * channels:3 * channels + 1]  # (1,) 0 or 1
-            count = stats[3 * channels + 1:3 * channels + 2]  # (1,)
+            if reshift > 0.5:
+                mean, invstd, var, code, count, reshift = self._group_stats(x, mean, finalize_params)
             if self.synchronized:
-                # Errors only the group's sums reveal. No branch: invstd goes through the table's
-                # guard, which passes it on or stops the step (CPU: raises; Ascend: poisons it).
-                single_value = (count == 1.0).astype(ms.float32) * (1.0 - channels_differ)  # (1,) 0/1
-                code = channels_differ * GUARD_CHANNELS_DIFFER + single_value * GUARD_SINGLE_VALUE
+                # Errors only the group's sums reveal (finalize_stats' code). No branch: invstd
+                # goes through the table's guard, which passes it on or stops the step (CPU:
+                # raises; Ascend: poisons it).
                 invstd = self.stop_if(invstd, code)
             else:  # one value per channel is caught from the shape before any kernel runs
-                code = ops.zeros((1,), ms.float32)
+                code = self.no_code
         y = self.normalize(x, mean, invstd, weight, bias)
         return y, mean, invstd, var, count, code
 
@@ -208,7 +204,7 @@ class SyncBatchNormFunction(Float32Cell):
         mean = mean_sum / safe_count
         deviation = local_mean - mean
         # (C,) -> (C,). An empty rank sends zeros (n_i = 0).
-        var = self._group_sum((local_var + deviation * deviation) * n) / safe_count
+        var = self._group_sum(ops.addcmul(local_var, deviation, deviation, 1.0) * n) / safe_count
         if self.synchronized:
             # Errors only the group's sums reveal; var (so invstd, y and the state) goes through
             # the guard. 2: the ranks disagree on num_features (N is garbage then); 3: one value

@@ -761,7 +761,18 @@ def test_update_stats_rejects_a_malformed_call(kernels):
 
 # ----------------------------------------------------------------------- finalize_stats --
 
-FINALIZE_PARAMS = (2.0, 1e-5, RESHIFT_RATIO, RESHIFT_MEAN_TOLERANCE)  # group of 2 ranks
+FINALIZE_PARAMS = (2.0, 1e-5, RESHIFT_RATIO, RESHIFT_MEAN_TOLERANCE, GUARD_CHANNELS_DIFFER,
+                   GUARD_SINGLE_VALUE)  # group of 2 ranks
+
+
+def finalized(finalize, sums, params):
+    """finalize_stats' six outputs packed as (3C+3,) [mean | invstd | var | code | count |
+    needs reshift]."""
+    outs = finalize(ms.Tensor(np.asarray(sums, np.float32)), ms.Tensor(np.array(params, np.float32)))
+    channels = (len(sums) - 2) // 3
+    assert [o.shape for o in outs] == [(channels,)] * 3 + [(1,)] * 3
+    assert {o.dtype for o in outs} == {ms.float32}
+    return np.concatenate([o.asnumpy() for o in outs])
 
 
 def group_sums(rng, channels, ranks_rows, loc, shift):
@@ -784,7 +795,7 @@ def test_finalize_stats(kernels, implementation, loc, shift_offset, expect_reshi
     shift = np.full(channels, loc + shift_offset).astype(np.float32).astype(np.float64)
     sums, full = group_sums(rng, channels, (3, 6), loc, shift)
     finalize = kernels.finalize_stats if implementation == "cpu_kernel" else CompositeFinalizeStats()
-    out = finalize(ms.Tensor(sums), ms.Tensor(np.array(FINALIZE_PARAMS, np.float32))).asnumpy()
+    out = finalized(finalize, sums, FINALIZE_PARAMS)
     assert out.shape == (3 * channels + 3,) and out.dtype == np.float32
     mean, var = full.mean(axis=(0, 2)), full.var(axis=(0, 2))
     np.testing.assert_allclose(out[:channels], mean, rtol=1e-6, atol=1e-6)
@@ -798,30 +809,34 @@ def test_finalize_stats(kernels, implementation, loc, shift_offset, expect_reshi
 @pytest.mark.parametrize("implementation", ["cpu_kernel", "composite"])
 def test_finalize_stats_edge_cases(kernels, implementation):
     finalize = kernels.finalize_stats if implementation == "cpu_kernel" else CompositeFinalizeStats()
-    params = ms.Tensor(np.array(FINALIZE_PARAMS, np.float32))
-    # Empty group: mean 0, var 0, count 0, nothing to re-centre.
+    # Empty group: mean 0, var 0, count 0, nothing to re-centre, no code.
     empty = np.zeros(3 * 2 + 2, np.float32)
     empty[-1] = 4.0  # 2 channels x 2 ranks
-    out = finalize(ms.Tensor(empty), params).asnumpy()
+    out = finalized(finalize, empty, FINALIZE_PARAMS)
     np.testing.assert_array_equal(out[:2], [0, 0])
     np.testing.assert_array_equal(out[4:], [0, 0, 0, 0, 0])
-    # The ranks disagree on num_features: flagged, and never a re-centring pass.
+    # The ranks disagree on num_features: their code, and never a re-centring pass.
     rng = np.random.default_rng(3)
     sums, _ = group_sums(rng, 2, (2, 2), 100.0, np.zeros(2))  # K = 0 far from the mean
     sums[-1] = 5.0
-    out = finalize(ms.Tensor(sums), params).asnumpy()
-    assert out[6] == 1.0 and out[8] == 0.0
+    out = finalized(finalize, sums, FINALIZE_PARAMS)
+    assert out[6] == GUARD_CHANNELS_DIFFER and out[8] == 0.0
+    sums[-2] = 1.0  # ... whatever the count says
+    assert finalized(finalize, sums, FINALIZE_PARAMS)[6] == GUARD_CHANNELS_DIFFER
+    # One value per channel in the group's batch.
+    sums[-1] = 4.0
+    assert finalized(finalize, sums, FINALIZE_PARAMS)[6] == GUARD_SINGLE_VALUE
     # A NaN channel stays NaN and does not make the other channels re-centre.
     sums, _ = group_sums(rng, 2, (2, 2), 0.5, np.full(2, 0.5))
     sums[0] = np.nan
-    out = finalize(ms.Tensor(sums), params).asnumpy()
-    assert np.isnan(out[0]) and np.isfinite(out[1]) and out[8] == 0.0
+    out = finalized(finalize, sums, FINALIZE_PARAMS)
+    assert np.isnan(out[0]) and np.isfinite(out[1]) and out[8] == 0.0 and out[6] == 0.0
 
 
 def test_finalize_stats_rejects_a_malformed_call(kernels):
     with pytest.raises(RuntimeError, match=r"is 1\b"):  # 3C+1 sums: the channel slot is missing
         kernels.finalize_stats(ms.Tensor(np.ones(7, np.float32)),
-                               ms.Tensor(np.array(FINALIZE_PARAMS, np.float32))).asnumpy()
+                               ms.Tensor(np.array(FINALIZE_PARAMS, np.float32)))[0].asnumpy()
 
 
 # -------------------------------------------------------------------------- fingerprint --

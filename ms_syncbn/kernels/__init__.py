@@ -15,10 +15,10 @@ backward_reduce     dy, x, mean, invstd                                        s
                                                                                (C,) float32
 backward_elemt      dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu (C,),      dx, dtype of x
                     count (1,)
-finalize_stats      sums (3C+2,): [sum(x-K), sum((x-K)^2), n*K, n, C] summed   (3C+3,) float32:
-                    over the group; params (4,): [group size, eps,             [mean | invstd | var |
-                    reshift ratio, mean tolerance]                             channels differ | count |
-                                                                               needs reshift]
+finalize_stats      sums (3C+2,): [sum(x-K), sum((x-K)^2), n*K, n, C] summed   mean, invstd, var (C,),
+                    over the group; params (6,): [group size, eps,             code, count,
+                    reshift ratio, mean tolerance, code "channels differ",     needs reshift (1,)
+                    code "single value"]                                       float32
 update_stats        mean, var (C,), count (1,), code (1,), shift,              shift', running_mean',
                     running_mean, running_var (C,), factor (1,)                running_var' (C,) float32,
                                                                                increment () int64

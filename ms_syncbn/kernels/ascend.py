@@ -195,8 +195,11 @@ class _BackwardElemt(nn.Cell):
         if x.size == 0:  # static shape: nothing to compute (but after the group sums)
             dx = ops.depend(ops.depend(ops.depend(ops.zeros_like(x), sum_dy), sum_dy_xmu), invstd)
         else:
+            # count as it is (float32): aclnnBatchNormElemtBackward takes float32, float16 or int32
+            # counters (ops-nn, aclnn_batch_norm_elemt_backward.cpp), and MindSpore's inference
+            # accepts it (tests/test_ascend_binding.py)
             dx = _like(self.elemt_grad(_elemt_input(dy), _elemt_input(x), mean, invstd, weight,
-                                       sum_dy, sum_dy_xmu, count.astype(ms.int32)), x)
+                                       sum_dy, sum_dy_xmu, count), x)
         return dx
 
 

@@ -11,8 +11,8 @@ from ms_syncbn.kernels import FINGERPRINT_SCALE, FINGERPRINT_WRAP
 
 
 class FinalizeStats(nn.Cell):
-    """sums (3C+2,), params (4,) -> (3C+3,) float32
-    [mean | invstd | var | channels differ | count | needs reshift], in float32.
+    """sums (3C+2,), params (6,) -> mean, invstd, var (C,), code, count, needs reshift (1,),
+    float32.
 
     See ``FinalizeStats`` in ops/cpu/syncbn_cpu.cc for the contract.
     """
@@ -31,8 +31,9 @@ class FinalizeStats(nn.Cell):
         limit = ratio * var + ops.square(tolerance * mean)
         reshift = ops.logical_and((ops.square(offset) > limit).any().reshape((1,)),
                                   ops.logical_not(channels_differ))
-        return ops.cat((mean, ops.rsqrt(var + eps), var, channels_differ.astype(ms.float32), count,
-                        reshift.astype(ms.float32)))
+        code = ops.select(channels_differ, params[4:5],
+                          ops.select(count == 1.0, params[5:6], ops.zeros_like(count)))
+        return (mean, ops.rsqrt(var + eps), var, code, count, reshift.astype(ms.float32))
 
 
 class UpdateStats(nn.Cell):
@@ -46,9 +47,13 @@ class UpdateStats(nn.Cell):
     (the Ascend layer never reads the shift) is pruned by the compiler.
     """
 
+    # Read through self: mindspore.amp's O1 regenerates a cell's code in another module.
+    code_weight = 2.0 ** 60
+
     def construct(self, mean, var, count, code, shift, running_mean, running_var, factor):
         fewer = count - 1.0  # (1,)
-        updated = ops.logical_and(code == 0.0, fewer >= 0.0)  # (1,) the step is kept, N > 0
+        # (1,) the step is kept (code 0) and N > 0; codes are >= 0 and N < 2^60
+        updated = fewer >= code * self.code_weight
         change = ops.logical_and(ops.isfinite(mean + var), updated)  # (C,) and finite statistics
         unbiased = var * (count / ops.maximum(fewer, 1.0))
         return (ops.select(change, mean, shift),

@@ -52,27 +52,27 @@ class _Guard(nn.Cell):
     def __init__(self):
         super().__init__()
         # values (M,) f32, [code | text] (1+T,) f32 -> values
-        self.kernel = _custom("Guard", lambda values, code: values, lambda values, code: values)
+        self.guard = _custom("Guard", lambda values, code: values, lambda values, code: values)
 
     def construct(self, values, code, text):
-        return self.kernel(values, ops.cat((code, text)))
+        return self.guard(values, ops.cat((code, text)))
 
 
 class _UpdateStats(nn.Cell):
-    """The update_stats contract over the ``UpdateStats`` kernel, which takes kept = (code == 0)
-    and returns them packed (3C+1,) [shift' | running_mean' | running_var' | updated]."""
+    """The update_stats contract over the ``UpdateStats`` kernel, whose `updated` is float32 (1,)."""
 
     def __init__(self):
         super().__init__()
-        self.kernel = _custom("UpdateStats", lambda m, v, n, k, s, rm, rv, f: (3 * m[0] + 1,),
-                              lambda m, v, n, k, s, rm, rv, f: ms.float32)
+        # mean, var, count, code, shift, running_mean, running_var, factor
+        #   -> shift', running_mean', running_var' (C,), updated (1,) f32
+        self.update_stats = _custom("UpdateStats",
+                              lambda m, v, n, k, s, rm, rv, f: (m, m, m, n),
+                              lambda m, v, n, k, s, rm, rv, f: (ms.float32,) * 4)
 
     def construct(self, mean, var, count, code, shift, running_mean, running_var, factor):
-        channels = mean.shape[0]
-        kept = (code == 0.0).astype(ms.float32)  # (1,) 1 or 0
-        state = self.kernel(mean, var, count, kept, shift, running_mean, running_var, factor)
-        return (state[:channels], state[channels:2 * channels], state[2 * channels:3 * channels],
-                state[3 * channels:].astype(ms.int64).reshape(()))
+        new_shift, new_mean, new_var, updated = self.update_stats(mean, var, count, code, shift,
+                                                            running_mean, running_var, factor)
+        return new_shift, new_mean, new_var, updated.astype(ms.int64).reshape(())
 
 
 class _BackwardReduce(nn.Cell):
@@ -82,11 +82,11 @@ class _BackwardReduce(nn.Cell):
     def __init__(self):
         super().__init__()
         # dy, x, mean -> (2C,) f32
-        self.kernel = _custom("BackwardReduce", lambda dy, x, m: (2 * x[1],),
+        self.backward_reduce = _custom("BackwardReduce", lambda dy, x, m: (2 * x[1],),
                               lambda dy, x, m: ms.float32)
 
     def construct(self, dy, x, mean, invstd):
-        sums = self.kernel(dy, x, mean)
+        sums = self.backward_reduce(dy, x, mean)
         sum_dy, sum_dy_xmu = sums[:x.shape[1]], sums[x.shape[1]:]
         return sum_dy, sum_dy_xmu, sum_dy_xmu * invstd, sum_dy
 
@@ -98,11 +98,11 @@ class _BackwardElemt(nn.Cell):
     def __init__(self):
         super().__init__()
         # dy, x, mean, invstd, weight, sums (2C,), count (1,) -> dx like x
-        self.kernel = _custom("BackwardElemt", lambda dy, x, m, s, w, sums, n: x,
+        self.backward_elemt = _custom("BackwardElemt", lambda dy, x, m, s, w, sums, n: x,
                               lambda dy, x, m, s, w, sums, n: x)
 
     def construct(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
-        return self.kernel(dy, x, mean, invstd, weight, ops.cat((sum_dy, sum_dy_xmu)), count)
+        return self.backward_elemt(dy, x, mean, invstd, weight, ops.cat((sum_dy, sum_dy_xmu)), count)
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,9 +119,10 @@ def cpu_kernels() -> BatchNormKernels:
         backward_reduce=_BackwardReduce(),
         # dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu (C,), count (1,) -> dx like x
         backward_elemt=_BackwardElemt(),
-        # sums (3C+2,), params (4,) -> (3C+3,) f32
-        finalize_stats=_custom("FinalizeStats", lambda sums, p: (sums[0] + 1,),
-                               lambda sums, p: ms.float32),
+        # sums (3C+2,), params (6,) -> mean, invstd, var (C,), code, count, needs reshift (1,) f32
+        finalize_stats=_custom("FinalizeStats",
+                               lambda sums, p: (((sums[0] - 2) // 3,),) * 3 + ((1,),) * 3,
+                               lambda sums, p: (ms.float32,) * 6),
         # mean, var, count, code, shift, running_mean, running_var, factor
         #   -> shift', running_mean', running_var' (C,) f32, increment () int64
         update_stats=_UpdateStats(),

@@ -216,30 +216,39 @@ static bool all_1d_float32(int count, const int *ndims, const char **dtypes) {
   return true;
 }
 
-// FinalizeStats: sums (3C+2,), params (4,), both float32 -> (3C+3,) float32
-//   [mean (C) | invstd (C) | var (C) | channels differ | count | needs reshift].
+// FinalizeStats: sums (3C+2,), params (6,), both float32
+//   -> mean, invstd, var (C,), code, count, needs reshift (1,), all float32.
 // The group statistics from the all-reduced shifted sums, in one call instead of
-// some thirty per-channel operators. sums = [S1 = sum(x-K) (C) | S2 = sum((x-K)^2)
-// (C) | Q = sum(n*K) (C) | N | channel slot], params = [group size, eps, reshift
-// ratio, mean tolerance]. Per channel, in double, with N' = max(N, 1):
+// some thirty per-channel operators, each output a tensor of its own (no slicing
+// after the call). sums = [S1 = sum(x-K) (C) | S2 = sum((x-K)^2) (C) | Q =
+// sum(n*K) (C) | N | channel slot], params = [group size, eps, reshift ratio, mean
+// tolerance, code "channels differ", code "single value"]. Per channel, in double,
+// with N' = max(N, 1):
 //   offset = S1/N';  mean = Q/N' + offset;  var = max(S2/N' - offset^2, 0)
 //   (NaN stays NaN);  invstd = 1/sqrt(var + eps)
-// channels differ = |channel slot - C * group size| > 0.5 (the ranks' layers
-// disagree on num_features: nothing else is meaningful); needs reshift = not
-// channels differ and, for some channel, offset^2 > ratio * var + (tolerance *
-// mean)^2 (the shift was too far from the mean for the variance to be trusted).
-// Every rank gets the same sums and so the same outputs, bit for bit. The
-// composite form: ms_syncbn.kernels.composite.FinalizeStats.
+// The ranks' layers disagree on num_features when |channel slot - C * group size|
+// > 0.5 (nothing else is meaningful then): code = the "channels differ" code;
+// otherwise code = the "single value" code if N = 1 (one value per channel in
+// the group's batch), else 0. needs reshift = the layers agree and, for some
+// channel, offset^2 > ratio * var + (tolerance * mean)^2 (the shift was too far
+// from the mean for the variance to be trusted). Every rank gets the same sums
+// and so the same outputs, bit for bit. The composite form:
+// ms_syncbn.kernels.composite.FinalizeStats.
 extern "C" int FinalizeStats(int nparam, void **params, int *ndims, int64_t **shapes,
                              const char **dtypes, void *, void *) {
-  if (nparam != 3 || !all_1d_float32(3, ndims, dtypes)) return 1;
+  if (nparam != 8 || !all_1d_float32(8, ndims, dtypes)) return 1;
   const int64_t length = shapes[0][0];
-  if (length < 5 || (length - 2) % 3 != 0 || shapes[1][0] != 4) return 1;
+  if (length < 5 || (length - 2) % 3 != 0 || shapes[1][0] != 6) return 1;
   const int64_t channels = (length - 2) / 3;
-  if (shapes[2][0] != 3 * channels + 3) return 1;
+  for (int i = 2; i < 5; ++i)
+    if (shapes[i][0] != channels) return 1;
+  for (int i = 5; i < 8; ++i)
+    if (shapes[i][0] != 1) return 1;
   const float *sums = static_cast<const float *>(params[0]);
   const float *p = static_cast<const float *>(params[1]);
-  float *out = static_cast<float *>(params[2]);
+  float *mean_out = static_cast<float *>(params[2]);
+  float *invstd_out = static_cast<float *>(params[3]);
+  float *var_out = static_cast<float *>(params[4]);
   const double group_size = p[0], eps = p[1], ratio = p[2], tolerance = p[3];
   const double count = sums[3 * channels];
   const double slot = sums[3 * channels + 1];
@@ -253,25 +262,25 @@ extern "C" int FinalizeStats(int nparam, void **params, int *ndims, int64_t **sh
     if (var < 0.0) var = 0.0;  // rounding can dip below 0; NaN stays NaN
     const double limit = ratio * var + (tolerance * mean) * (tolerance * mean);
     if (offset * offset > limit) reshift = true;
-    out[c] = static_cast<float>(mean);
-    out[channels + c] = static_cast<float>(1.0 / std::sqrt(var + eps));
-    out[2 * channels + c] = static_cast<float>(var);
+    mean_out[c] = static_cast<float>(mean);
+    invstd_out[c] = static_cast<float>(1.0 / std::sqrt(var + eps));
+    var_out[c] = static_cast<float>(var);
   }
-  out[3 * channels] = channels_differ ? 1.0f : 0.0f;
-  out[3 * channels + 1] = static_cast<float>(count);
-  out[3 * channels + 2] = reshift && !channels_differ ? 1.0f : 0.0f;
+  *static_cast<float *>(params[5]) = channels_differ ? p[4] : (count == 1.0 ? p[5] : 0.0f);
+  *static_cast<float *>(params[6]) = static_cast<float>(count);
+  *static_cast<float *>(params[7]) = reshift && !channels_differ ? 1.0f : 0.0f;
   return 0;
 }
 
-// UpdateStats: mean, var (C,), count (1,), kept (1,), shift, running_mean,
-// running_var (C,), factor (1,), all float32 -> (3C+1,) float32
-//   [shift' (C) | running_mean' (C) | running_var' (C) | updated (1)].
+// UpdateStats: mean, var (C,), count (1,), code (1,), shift, running_mean,
+// running_var (C,), factor (1,), all float32
+//   -> shift', running_mean', running_var' (C,), updated (1,), all float32.
 // The layer's state after one training step, in one call instead of two dozen
-// tiny operators. `mean` and the biased `var` are the group's statistics over
-// `count` values; `kept` is 1 when the step may change the state (0 when it is
-// about to stop on an error). updated = kept and count > 0. Channel c changes
-// only if updated and mean[c], var[c] are finite (NaN or Inf in a batch must not
-// reach later steps):
+// tiny operators, each output a tensor of its own. `mean` and the biased `var`
+// are the group's statistics over `count` values; `code` is the step's guard code
+// (0: the step may change the state; any other: it is about to stop on an
+// error). updated = code is 0 and count > 0. Channel c changes only if updated and
+// mean[c], var[c] are finite (NaN or Inf in a batch must not reach later steps):
 //   shift'[c]        = mean[c]
 //   running_mean'[c] = (1 - factor) * running_mean[c] + factor * mean[c]
 //   running_var'[c]  = (1 - factor) * running_var[c]
@@ -280,33 +289,34 @@ extern "C" int FinalizeStats(int nparam, void **params, int *ndims, int64_t **sh
 // the same contract (ms_syncbn.kernels.composite).
 extern "C" int UpdateStats(int nparam, void **params, int *ndims, int64_t **shapes,
                            const char **dtypes, void *, void *) {
-  if (nparam != 9 || !all_1d_float32(9, ndims, dtypes)) return 1;
+  if (nparam != 12 || !all_1d_float32(12, ndims, dtypes)) return 1;
   const int64_t channels = shapes[0][0];
-  const int per_channel[] = {0, 1, 4, 5, 6};
+  const int per_channel[] = {0, 1, 4, 5, 6, 8, 9, 10};
   for (int i : per_channel)
     if (shapes[i][0] != channels) return 1;
-  if (shapes[2][0] != 1 || shapes[3][0] != 1 || shapes[7][0] != 1 || shapes[8][0] != 3 * channels + 1)
+  if (shapes[2][0] != 1 || shapes[3][0] != 1 || shapes[7][0] != 1 || shapes[11][0] != 1)
     return 1;
   const float *mean = static_cast<const float *>(params[0]);
   const float *var = static_cast<const float *>(params[1]);
   const float count = *static_cast<const float *>(params[2]);
-  const float kept = *static_cast<const float *>(params[3]);
+  const float code = *static_cast<const float *>(params[3]);
   const float *shift = static_cast<const float *>(params[4]);
   const float *running_mean = static_cast<const float *>(params[5]);
   const float *running_var = static_cast<const float *>(params[6]);
   const float factor = *static_cast<const float *>(params[7]);
-  float *out = static_cast<float *>(params[8]);
-  const bool updated = kept != 0.0f && count > 0.0f;
+  float *shift_out = static_cast<float *>(params[8]);
+  float *mean_out = static_cast<float *>(params[9]);
+  float *var_out = static_cast<float *>(params[10]);
+  const bool updated = code == 0.0f && count > 0.0f;
   const float unbias = count / std::max(count - 1.0f, 1.0f);
   for (int64_t c = 0; c < channels; ++c) {
     const bool change = updated && std::isfinite(mean[c]) && std::isfinite(var[c]);
-    out[c] = change ? mean[c] : shift[c];
-    out[channels + c] =
-        change ? (1.0f - factor) * running_mean[c] + factor * mean[c] : running_mean[c];
-    out[2 * channels + c] =
+    shift_out[c] = change ? mean[c] : shift[c];
+    mean_out[c] = change ? (1.0f - factor) * running_mean[c] + factor * mean[c] : running_mean[c];
+    var_out[c] =
         change ? (1.0f - factor) * running_var[c] + factor * (var[c] * unbias) : running_var[c];
   }
-  out[3 * channels] = updated ? 1.0f : 0.0f;
+  *static_cast<float *>(params[11]) = updated ? 1.0f : 0.0f;
   return 0;
 }
 
