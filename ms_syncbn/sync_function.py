@@ -31,9 +31,9 @@ BatchNormStats) give ``local_moments`` instead, and the forward takes two
 small all-reduces and no branch:
 
     first   [ n_i * m_i (C) | n_i (1) | C (1) ]       (C+2,)   -> N, m = sum(n_i m_i) / N
-    second  [ m2_i + n_i * (m_i - m)^2 (C) ]          (C,)     -> var = sum / N
+    second  [ n_i * (v_i + (m_i - m)^2) (C) ]         (C,)     -> var = sum / N
 
-with m_i and m2_i = sum((x - m_i)^2) the rank's own mean and squared deviations.
+with m_i and v_i the rank's own mean and biased variance.
 Nothing there cancels, whatever the mean's magnitude, so there is no re-centring
 pass, and no data-dependent branch: on Ascend a branch needs its condition on the
 host, a device-to-host round trip per layer and step.
@@ -60,7 +60,7 @@ RESHIFT_RATIO = 64.0
 # than this fraction of the mean: float32 rounding of the mean stays below it.
 RESHIFT_MEAN_TOLERANCE = 2.0 ** -20
 
-# Fingerprints are integers in [1, FINGERPRINT_MODULUS]: their sum over a group of W ranks is
+# Fingerprints are integers in [0, FINGERPRINT_MODULUS): their sum over a group of W ranks is
 # exact in float32 while W * FINGERPRINT_MODULUS < 2**24 (larger groups use a smaller modulus).
 # The hash itself is the fingerprint kernel's contract (ms_syncbn.kernels).
 FINGERPRINT_MODULUS = 8191
