@@ -153,6 +153,22 @@ def real_table(graph_cpu):
         ascend.native = saved
 
 
+@pytest.fixture(scope="module")
+def real_table_uncentred(graph_cpu):
+    """The Ascend table over the real primitives with the uncentred backward reduction."""
+    from ms_syncbn.kernels import ascend
+
+    saved = ascend.native
+    ascend.native = _InferredPrimitives()
+    try:
+        with pytest.MonkeyPatch.context() as patch:  # read when the table is made, then undone
+            patch.setenv(ascend.BACKWARD_REDUCE_ENV, "uncentred")
+            table = ascend.ascend_kernels.__wrapped__()
+        yield table
+    finally:
+        ascend.native = saved
+
+
 class _Entry(nn.Cell):
     def __init__(self, table, entry):
         super().__init__()
@@ -193,6 +209,26 @@ def test_table_entry_compiles_over_the_real_primitives(real_table, entry, dtype,
         assert "Kernel select failed" in str(err) and "on CPU" in str(err), str(err)[:2000]
         return
     assert out.dtype == (ENTRIES[entry] or DTYPES[dtype]), (entry, dtype, out.dtype)
+
+
+@pytest.mark.parametrize("batch", [N, 0], ids=["batch", "empty"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_uncentred_backward_reduce_compiles_over_the_real_primitive(real_table_uncentred, dtype, batch):
+    """MS_SYNCBN_ASCEND_BACKWARD_REDUCE=uncentred: BatchNormReduceGrad gets x and the mean as
+    they are (no centring pass), and the table still returns float32 sums."""
+    x, c, _ = _inputs(DTYPES[dtype], batch)
+    sums = ms.Tensor(np.ones(2 * C, np.float32))
+    count = ms.Tensor(np.array([float(N)], np.float32))
+    out = _Entry(real_table_uncentred, "backward_reduce")(x, x, c, sums, count)
+    assert out.dtype == ms.float32, (dtype, out.dtype)
+
+
+def test_backward_reduce_switch_rejects_an_unknown_choice(monkeypatch):
+    from ms_syncbn.kernels import ascend
+
+    monkeypatch.setenv(ascend.BACKWARD_REDUCE_ENV, "centered")
+    with pytest.raises(ValueError, match="MS_SYNCBN_ASCEND_BACKWARD_REDUCE must be one of"):
+        ascend.centred_backward_reduce()
 
 
 # --- the stand-ins' arithmetic and empty inputs (PyNative) ---
@@ -243,6 +279,26 @@ def test_reduce_grad_stand_in_cancels_at_large_mean_and_the_table_does_not(pynat
     table_error = np.abs(sums - want).max() / scale
     print(f"\nsum(dy*(x-mean)) at mean 1e4: kernel alone {raw_error:.1e}, table {table_error:.1e}")
     assert table_error < 1e-5 and raw_error > 30 * table_error, (raw_error, table_error)
+
+
+def test_uncentred_table_sums_match_float64_at_a_moderate_mean(pynative_cpu, monkeypatch):
+    """The uncentred switch: the kernel's own sum(dy*x) - mean*sum(dy), within float32 rounding
+    of float64 at mean 3 / std 2 (at mean 1e4 it cancels: README, "How dtypes are routed")."""
+    from ms_syncbn.kernels import ascend
+
+    monkeypatch.setenv(ascend.BACKWARD_REDUCE_ENV, "uncentred")
+    table = emulation.emulated_ascend_kernels("a2")
+    rng = np.random.default_rng(11)
+    x = (3.0 + 2.0 * rng.standard_normal((16, C, 32))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    mean = x.astype(np.float64).mean(axis=(0, 2)).astype(np.float32)
+    invstd = np.full(C, 0.5, np.float32)
+    got = [o.asnumpy() for o in table.backward_reduce(*(ms.Tensor(v) for v in (dy, x, mean, invstd)))]
+    want = (dy.astype(np.float64) * (x - mean.astype(np.float64)[None, :, None])).sum(axis=(0, 2))
+    scale = np.abs(dy.astype(np.float64) * x).sum(axis=(0, 2))
+    assert np.all(np.abs(got[1] - want) <= 1e-6 * scale), (got[1], want)
+    np.testing.assert_allclose(got[2], got[1] * invstd, rtol=1e-6)
+    np.testing.assert_allclose(got[0], dy.astype(np.float64).sum(axis=(0, 2)), rtol=1e-4, atol=1e-4)
 
 
 def test_float16_sums_come_back_float32_through_the_table(pynative_cpu):

@@ -53,6 +53,25 @@ def test_ascend_step_stays_at_its_kernel_counts(ascend_counts, dtype):
                                 counts["backward_kernel_names"])
 
 
+def test_uncentred_switch_makes_no_activation_pass_that_mint_does_not(tmp_path, monkeypatch):
+    """MS_SYNCBN_ASCEND_BACKWARD_REDUCE=uncentred: the backward reads dy and x in
+    BatchNormReduceGrad and again in BatchNormElemtGrad, and nothing else activation-sized."""
+    import ms_syncbn.batchnorm as batchnorm
+    from ms_syncbn.kernels import ascend
+
+    monkeypatch.setenv(ascend.BACKWARD_REDUCE_ENV, "uncentred")
+    monkeypatch.setattr(batchnorm, "resolve_group", lambda group: CommGroup("hccl_world_group", (0, 1)))
+    monkeypatch.setattr(ascend, "ascend_kernels", ascend.ascend_kernels.__wrapped__)
+    counts = step_counts(SHAPE, str(tmp_path), tables=("Ascend",))
+    # bfloat16: the forward's cast of x to float32 for BatchNormStats (which takes float16 and
+    # float32 only) is its own kernel here; centred, it is shared with the backward's cast.
+    for dtype, (forward, backward) in {"float32": (43, 17), "float16": (43, 19),
+                                       "bfloat16": (44, 19)}.items():
+        row = counts[f"Ascend {dtype}"]
+        assert (row["forward_kernels"], row["backward_kernels"]) == (forward, backward), (dtype, row)
+        assert row["backward_activation_kernel_names"] == ["BatchNormReduceGrad", "BatchNormElemtGrad"]
+
+
 @pytest.mark.parametrize("dtype", ASCEND_DTYPES)
 def test_ascend_step_has_no_branch_one_graph_and_three_collectives(ascend_counts, dtype):
     counts = ascend_counts[f"Ascend {dtype}"]

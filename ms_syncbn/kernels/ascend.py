@@ -28,6 +28,7 @@ The tests run this table on CPU over stand-ins of the four primitives
 exactly these calls (tests/test_ascend_binding.py); see README, "What is verified where".
 """
 import functools
+import os
 
 import mindspore as ms
 from mindspore import nn, ops
@@ -35,6 +36,14 @@ from mindspore.ops import auto_generate as native
 
 from ms_syncbn.kernels import BatchNormKernels
 from ms_syncbn.kernels.composite import FinalizeStats, Fingerprint, Guard, UpdateStats
+
+# The one switch of the backward reduction (README, "How dtypes are routed on Ascend"):
+# "centred" (default) hands BatchNormReduceGrad x - mean in float32, one more pass over the
+# activation than mint makes (and in float16/bfloat16 two casts), precise at any mean;
+# "uncentred" calls it as mint does, with x and the mean, no extra pass, and inherits its
+# sum(dy*x) - mean*sum(dy) in float32, which cancels when |mean| >> std.
+BACKWARD_REDUCE_ENV = "MS_SYNCBN_ASCEND_BACKWARD_REDUCE"
+BACKWARD_REDUCE_CHOICES = ("centred", "uncentred")
 
 # BatchNormStats returns invstd = 1/sqrt(var + eps) in float32; var comes back as
 # 1/invstd^2 - eps, within a few float32 ulps of the kernel's var. This eps keeps a
@@ -159,15 +168,20 @@ class _BackwardReduce(nn.Cell):
     """dy, x, mean, invstd -> sum(dy), sum(dy*(x-mean)), grad_weight, grad_bias (C,) float32,
     from one BatchNormReduceGrad (its weight and bias gradients are the last two).
 
-    The kernel gets x - mean (float32) and a zero mean: it sums dy*x and subtracts
-    mean*sum(dy) in float32, which would cancel at large |mean|/std; in float32 its sums
-    also come back float32 (in float16 they would round, and overflow above 65504).
-    Zeros for an empty batch, without a native kernel (A2/A3 leave them unwritten).
+    The kernel sums dy*x and subtracts mean*sum(dy) in float32, which cancels at large
+    |mean|/std (0.6 % at mean 1e4, std 2). `centred` (the default, BACKWARD_REDUCE_ENV): it
+    gets x - mean in float32 and a zero mean, precise at any mean, for one more pass over x
+    (and in float16/bfloat16 the casts of dy and x); its sums then come back float32.
+    Otherwise it gets x and the mean as mint passes them: no extra pass, mint's numerics, and
+    in float16/bfloat16 sums in that dtype (rounded; above 65504 they overflow), cast to
+    float32 per channel. Zeros for an empty batch, without a native kernel (A2/A3 leave them
+    unwritten).
     """
 
-    def __init__(self):
+    def __init__(self, centred=True):
         super().__init__()
         self.reduce_grad = native.BatchNormReduceGrad()
+        self.centred = centred
 
     def construct(self, dy, x, mean, invstd):
         channels = x.shape[1]
@@ -176,11 +190,16 @@ class _BackwardReduce(nn.Cell):
             zeros = ops.depend(ops.depend(ops.depend(ops.zeros((channels,), ms.float32), mean),
                                           invstd), dy)
             sums = (zeros, zeros, zeros, zeros)
-        else:
+        elif self.centred:  # a constant of the table: no graph branch
             centred = _as_float32(x) - mean.reshape(_per_channel_shape(x))  # (N, C, *) float32
             # (C,) float32 each; weight only types grad_weight (float32): ones, a constant
             sums = self.reduce_grad(_as_float32(dy), centred, ops.zeros_like(mean), invstd,
                                     ops.ones_like(mean), True, True, True)
+        else:
+            routed = _elemt_input(x)  # float16/bfloat16/float32 as they are, float64 as float32
+            sum_dy, sum_dy_xmu, grad_weight, grad_bias = self.reduce_grad(
+                dy.astype(routed.dtype), routed, mean, invstd, ops.ones_like(mean), True, True, True)
+            sums = (_as_float32(sum_dy), _as_float32(sum_dy_xmu), grad_weight, grad_bias)
         return sums
 
 
@@ -225,13 +244,29 @@ class _Normalize(nn.Cell):
         return y
 
 
+def centred_backward_reduce() -> bool:
+    """Whether the table's BatchNormReduceGrad gets x - mean (see BACKWARD_REDUCE_ENV).
+
+    Raises:
+        ValueError: If the variable holds anything but "centred" or "uncentred".
+    """
+    choice = os.environ.get(BACKWARD_REDUCE_ENV, "centred")
+    if choice not in BACKWARD_REDUCE_CHOICES:
+        raise ValueError(f"ms_syncbn: {BACKWARD_REDUCE_ENV} must be one of {BACKWARD_REDUCE_CHOICES}, "
+                         f"but got {choice!r}.")
+    return choice == "centred"
+
+
 @functools.lru_cache(maxsize=None)
 def ascend_kernels() -> BatchNormKernels:
     """The Ascend table (BatchNormStats, BatchNormElemt, BatchNormReduceGrad, BatchNormElemtGrad).
 
     finalize_stats, update_stats, guard and fingerprint are composites (ms_syncbn.kernels.composite).
+    The backward reduction is centred unless BACKWARD_REDUCE_ENV says "uncentred", read when
+    the table is first made in the process.
     """
     return BatchNormKernels(backend="Ascend", local_stats=_LocalStats(), normalize=_Normalize(),
-                            backward_reduce=_BackwardReduce(), backward_elemt=_BackwardElemt(),
+                            backward_reduce=_BackwardReduce(centred_backward_reduce()),
+                            backward_elemt=_BackwardElemt(),
                             finalize_stats=FinalizeStats(), update_stats=UpdateStats(),
                             guard=Guard(), fingerprint=Fingerprint(), local_moments=_LocalMoments())
