@@ -113,7 +113,8 @@ def create_syncbn_process_group(group_size: int) -> Optional[str]:
     - `group_size` equal to the number of ranks: returns the world group's name
       (``GlobalComm.WORLD_COMM_GROUP``) and creates nothing.
     - ``group_size=1``: each rank alone (Apex: "equivalent to using non-sync bn"); one-rank
-      groups are created and the layers never communicate.
+      groups are created (MindSpore accepts them; tested on CPU) and the layers never
+      communicate.
 
     Args:
         group_size (int): Number of consecutive ranks whose statistics are synchronized;

@@ -128,7 +128,7 @@ def test_group_size_of_the_whole_world_is_the_world_group(as_rank):
 def test_a_foreign_group_under_the_name_is_not_taken(as_rank):
     table = as_rank(1, 4)
     table.groups["ms_syncbn_ranks_0-1"] = [1, 3]  # someone else's group, same name
-    with pytest.raises(ValueError, match=r"'ms_syncbn_ranks_0-1' already exists with ranks \[1, 3\], "
-                                         r"not \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"'ms_syncbn_ranks_0-1' already exists with ranks "
+                                         r"\[1, 3\], not \[0, 1\]"):
         create_syncbn_process_group(2)
     assert table.created == []

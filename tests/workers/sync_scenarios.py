@@ -145,8 +145,9 @@ def run_scenario(name, spec, rank, created_groups):
                 dtype=dtype, eps=EPS, layer=layer_args, momentum=layer_args.get("momentum", 0.1))
     arrays = {}
     layer = _build_layer(spec, channels, group, layer_args)
-    meta.update(built_by="convert_sync_batchnorm" if spec.get("build") == "convert" else "SyncBatchNorm",
-                layer_momentum=layer.momentum, layer_group_size=layer.group_size)
+    meta.update(layer_momentum=layer.momentum, layer_group_size=layer.group_size,
+                built_by="convert_sync_batchnorm" if spec.get("build") == "convert"
+                else "SyncBatchNorm")
     if layer.affine:
         weight = rng.uniform(0.5, 2.0, channels) * rng.choice([-1.0, 1.0], channels)
         set_parameters(layer, weight, rng.uniform(-1.0, 1.0, channels))
@@ -236,8 +237,9 @@ def check_create_syncbn_process_group(rank):
         rng = np.random.default_rng(500 + rank)
         x = random_batch(rng, (2 + rank, 3, 4), mean_scale=5.0)
         dy = rng.standard_normal(x.shape).astype(np.float32)
-        arrays.update(x=x, dy=dy, **{key: value for key, value in LayerDriver(layer).train(x, dy).items()
-                                     if value is not None})
+        step = LayerDriver(layer).train(x, dy)
+        arrays.update(x=x, dy=dy,
+                      **{key: value for key, value in step.items() if value is not None})
     except Exception as err:
         meta.update(status="error", error_type=type(err).__name__, message=str(err),
                     traceback=traceback.format_exc())
