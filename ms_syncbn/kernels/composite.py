@@ -40,7 +40,7 @@ class UpdateStats(nn.Cell):
     """mean, var (C,), count (1,), code (1,), shift, running_mean, running_var (C,), factor (1,)
     -> shift', running_mean', running_var' (C,) float32, increment () int64.
 
-    See ``UpdateStats`` in ops/cpu/syncbn_cpu.cc for the contract (its kept is code == 0).
+    See ``UpdateStats`` in ops/cpu/syncbn_cpu.cc for the contract.
     Written for few kernels (each one is a launch on Ascend): the decision is one (1,)
     flag and one (C,) mask, the moving averages are Lerp (running + factor * (batch -
     running), the same value up to one rounding), and an output the caller does not use
@@ -69,7 +69,7 @@ class Guard(nn.Cell):
     The guard contract without a branch: on Ascend a branch on a tensor needs the value on
     the host, a device-to-host round trip per layer and step, and no native kernel fails on
     a value. So a step with an error code is stopped by poisoning what it computes next (the
-    layer routes invstd through here, the backward its group sums): its outputs and
+    layer routes the group variance through here, the backward its group sum(dy)): its outputs and
     gradients are NaN, and the layer leaves its state unchanged. Which error it was is not
     carried: run the job on CPU, whose Guard kernel names it (README, "Errors").
     """
