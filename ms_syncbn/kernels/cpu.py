@@ -7,9 +7,10 @@ import glob
 import os
 
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import ops
 
 from ms_syncbn.kernels import BatchNormKernels
+from ms_syncbn.precision import Float32Cell
 
 _LIBRARY_GLOB = "_cpu_kernels*.so"
 
@@ -44,7 +45,11 @@ def _custom(symbol: str, out_shape, out_dtype):
                          out_dtype=out_dtype, func_type="aot")
 
 
-class _Guard(nn.Cell):
+# The adapters below are Float32Cells: amp's custom_mixed_precision sets its float16 flag on
+# every cell not in its black list, one by one, and these kernels take float32 only.
+
+
+class _Guard(Float32Cell):
     """values (M,) f32, code (1,) f32, text (T,) f32 -> values, or a RuntimeError carrying the
     code and naming the layer (the ``Guard`` kernel reads [code | text]). No branch here: the
     same Cell runs in the function's construct and in its bprop (kernels/ascend.py)."""
@@ -58,7 +63,7 @@ class _Guard(nn.Cell):
         return self.guard(values, ops.cat((code, text)))
 
 
-class _UpdateStats(nn.Cell):
+class _UpdateStats(Float32Cell):
     """The update_stats contract over the ``UpdateStats`` kernel, whose `updated` is float32 (1,)."""
 
     def __init__(self):
@@ -75,7 +80,7 @@ class _UpdateStats(nn.Cell):
         return new_shift, new_mean, new_var, updated.astype(ms.int64).reshape(())
 
 
-class _BackwardReduce(nn.Cell):
+class _BackwardReduce(Float32Cell):
     """dy, x, mean, invstd -> sum(dy), sum(dy*(x-mean)), grad_weight, grad_bias (C,) f32, from the
     ``BackwardReduce`` kernel's (2C,) [sum(dy) | sum(dy*(x-mean))]."""
 
@@ -91,7 +96,7 @@ class _BackwardReduce(nn.Cell):
         return sum_dy, sum_dy_xmu, sum_dy_xmu * invstd, sum_dy
 
 
-class _BackwardElemt(nn.Cell):
+class _BackwardElemt(Float32Cell):
     """dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu (C,), count (1,) -> dx like x, through the
     ``BackwardElemt`` kernel, which takes the sums as one (2C,) input."""
 
