@@ -73,15 +73,15 @@ PY="$VENV/bin/python"
 # and a progress bar on a terminal; "Requirement already satisfied" when there is nothing to do.
 PIP=("$PY" -m pip install --no-input)
 
-step "MindSpore 2.10.0 and NumPy < 2 (requirements.txt; first time ~830 MB to download," \
-     "most of it MindSpore's 804 MB wheel)"
+step "MindSpore 2.10.0 and NumPy < 2 (requirements.txt; first time ~870 MB to download," \
+     "MindSpore's wheel alone 804 MB: 20 s at 40 MB/s, 7 min at 2 MB/s)"
 "${PIP[@]}" -r requirements.txt setuptools
 
-step "ms_syncbn, compiling its CPU kernels (ops/cpu/syncbn_cpu.cc, ~30 s)"
+step "ms_syncbn, compiling its CPU kernels (ops/cpu/syncbn_cpu.cc, ~20 s)"
 "${PIP[@]}" --no-build-isolation -e .
 
 if [[ "$TESTS" == 1 ]]; then
-  step "test tools: pytest, pytest-xdist, Sphinx (requirements-tests.txt; first time ~15 MB)"
+  step "test tools: pytest, pytest-xdist, Sphinx (requirements-tests.txt; first time ~18 MB)"
   "${PIP[@]}" -r requirements-tests.txt
 fi
 
