@@ -75,7 +75,12 @@ PIP=("$PY" -m pip install --no-input)
 
 step "MindSpore 2.10.0 and NumPy < 2 (requirements.txt; first time ~870 MB to download," \
      "MindSpore's wheel alone 804 MB: 20 s at 40 MB/s, 7 min at 2 MB/s)"
-"${PIP[@]}" -r requirements.txt setuptools
+if ! "${PIP[@]}" -r requirements.txt setuptools; then
+  echo "install.sh: pip could not install requirements.txt into $VENV ($("$PY" --version 2>&1))." \
+       "MindSpore 2.10.0 needs Python 3.9-3.11: with another Python, make the environment with" \
+       "one of those, e.g. PYTHON=python3.11 MS_SYNCBN_VENV=.venv311 bash launch/install.sh" >&2
+  exit 1
+fi
 
 step "ms_syncbn, compiling its CPU kernels (ops/cpu/syncbn_cpu.cc, ~20 s)"
 "${PIP[@]}" --no-build-isolation -e .
