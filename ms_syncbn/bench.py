@@ -68,8 +68,8 @@ MINT_SYNCBN_GRAPH = {
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m ms_syncbn.bench",
-        description="Time SyncBatchNorm against MindSpore's nn.BatchNorm2d and torch's BatchNorm2d "
-                    "under msrun (1, 2, 4 ranks; PyNative and graph), record the all-reduce payloads, "
+        description="Time SyncBatchNorm against MindSpore's nn.BatchNorm2d (and torch's BatchNorm2d "
+                    "when torch is installed) under msrun (1, 2, 4 ranks; PyNative and graph), record the all-reduce payloads, "
                     "and measure the CPU kernels' memory bandwidth against a plain copy.",
         epilog="Example: python -m ms_syncbn.bench --ranks 2 --modes graph --shapes 8x64x32x32 "
                "--iters 50. The machine's other load shows up in the numbers: compare candidates "
