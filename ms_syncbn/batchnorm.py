@@ -400,7 +400,11 @@ class SyncBatchNorm(Float32Cell):
         and tracked (track_running_stats) say how the running statistics are updated.
         """
         weight, bias = self._affine_params()
-        y, mean, _, var, count, code = self.group_stats(x, weight, bias, self.stat_shift, eps)
+        # Indexed, not unpacked: unpacking makes a getitem of the unused invstd, which
+        # MindSpore 2.10 drops with a console warning ("Some side effect nodes were
+        # eliminated by mistake", auto_monad.cc) in every step that compiles this body.
+        outputs = self.group_stats(x, weight, bias, self.stat_shift, eps)
+        y, mean, var, count, code = outputs[0], outputs[1], outputs[3], outputs[4], outputs[5]
         self._update_state(mean, var, count, code, momentum, cumulative, tracked)
         return y
 

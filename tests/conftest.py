@@ -15,7 +15,8 @@ def pynative_cpu():
 # Files whose msrun jobs take longest, started first: with `-n 2 --dist loadfile` (README) the
 # two workers then finish close together instead of one running a long job alone at the end.
 LONGEST_FIRST = ("test_long_run.py", "test_ascend_emulated.py", "test_layer_identity.py",
-                 "test_amp_training.py", "test_bench_smoke.py", "test_reliability.py")
+                 "test_amp_training.py", "test_bench_smoke.py", "test_reliability.py",
+                 "test_console.py")
 
 
 def pytest_collection_modifyitems(items):
