@@ -1,6 +1,16 @@
 """CPU kernel table: our C++ kernels (ops/cpu/syncbn_cpu.cc) through ``ops.Custom(func_type="aot")``.
 
 The library is built by ``setup.py`` into the package as ``_cpu_kernels.so``.
+
+Dynamic shapes: a graph compiled once for inputs with unknown dimensions
+(``Cell.set_inputs`` with ``None``) infers every kernel's output shape again at
+run time, in C++ on the backend's copy of the primitive. MindSpore 2.10 cannot
+call a Python ``out_shape`` there (the copy is not a ``PrimitivePy``), so each
+kernel's shape function is C++, ``<Kernel>InferShape`` next to the kernel in
+the library (``out_shape=None``), and each primitive carries registration info,
+without which MindSpore's Custom shape inference fails on its missing
+``reg_op_name`` attribute ("The pointer[value] is null"). Output dtypes stay
+Python (``out_dtype``): the run-time re-inference asks for shapes only.
 """
 import functools
 import glob
@@ -8,6 +18,7 @@ import os
 
 import mindspore as ms
 from mindspore import ops
+from mindspore.ops import CustomRegOp, DataType
 
 from ms_syncbn.kernels import BatchNormKernels
 
@@ -39,9 +50,20 @@ class _SharedCustom(ops.Custom):
         return self
 
 
-def _custom(symbol: str, out_shape, out_dtype):
-    return _SharedCustom(f"{cpu_library_path()}:{symbol}", out_shape=out_shape,
-                         out_dtype=out_dtype, func_type="aot")
+def _custom(symbol: str, inputs, out_dtype) -> _SharedCustom:
+    """The AOT primitive of kernel `symbol` of the library, whose inputs are named `inputs`.
+
+    Its output shape is the library's ``<symbol>InferShape`` (C++, so also for dynamic shapes:
+    see the module docstring), its output dtype ``out_dtype(*input_dtypes)``. The registration
+    info names the kernel and accepts any dtype and format: the kernel checks its dtypes itself.
+    """
+    info = CustomRegOp(symbol)
+    for index, name in enumerate(inputs):
+        info = info.input(index, name)
+    any_dtype = (DataType.None_None,) * (len(inputs) + 1)
+    info = info.output(0, "output").dtype_format(*any_dtype).target("CPU").get_op_info()
+    return _SharedCustom(f"{cpu_library_path()}:{symbol}", out_shape=None, out_dtype=out_dtype,
+                         func_type="aot", reg_info=info)
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,24 +72,25 @@ def cpu_kernels() -> BatchNormKernels:
     return BatchNormKernels(
         backend="CPU",
         # x (N, C, *), shift (C,) -> (3C+1,) f32
-        local_stats=_custom("LocalStats", lambda x, shift: (3 * x[1] + 1,),
-                            lambda x, shift: ms.float32),
+        local_stats=_custom("LocalStats", ("x", "shift"), lambda x, shift: ms.float32),
         # x, mean, invstd, weight, bias -> y like x
-        normalize=_custom("Normalize", lambda x, m, s, w, b: x, lambda x, m, s, w, b: x),
+        normalize=_custom("Normalize", ("x", "mean", "invstd", "weight", "bias"),
+                          lambda x, m, s, w, b: x),
         # dy, x, mean -> (2C,) f32
-        backward_reduce=_custom("BackwardReduce", lambda dy, x, m: (2 * x[1],),
-                                lambda dy, x, m: ms.float32),
+        backward_reduce=_custom("BackwardReduce", ("dy", "x", "mean"), lambda dy, x, m: ms.float32),
         # dy, x, mean, invstd, weight, sums (2C,), count (1,) -> dx like x
-        backward_elemt=_custom("BackwardElemt", lambda dy, x, m, s, w, sums, n: x,
+        backward_elemt=_custom("BackwardElemt",
+                               ("dy", "x", "mean", "invstd", "weight", "sums", "count"),
                                lambda dy, x, m, s, w, sums, n: x),
         # sums (3C+2,), params (4,) -> (3C+3,) f32
-        finalize_stats=_custom("FinalizeStats", lambda sums, p: (sums[0] + 1,),
-                               lambda sums, p: ms.float32),
+        finalize_stats=_custom("FinalizeStats", ("sums", "params"), lambda sums, p: ms.float32),
         # mean, var, count, kept, shift, running_mean, running_var, factor -> (3C+1,) f32
-        update_stats=_custom("UpdateStats", lambda m, v, n, k, s, rm, rv, f: (3 * m[0] + 1,),
+        update_stats=_custom("UpdateStats", ("mean", "var", "count", "kept", "shift", "running_mean",
+                                             "running_var", "factor"),
                              lambda m, v, n, k, s, rm, rv, f: ms.float32),
         # values (M,) f32, code (1,) f32 -> values, or a RuntimeError carrying the code
-        guard=_custom("Guard", lambda values, code: values, lambda values, code: values),
+        guard=_custom("Guard", ("values", "code"), lambda values, code: values),
         # mean, invstd (C,), count (1,), modulus (1,) -> (1,) f32
-        fingerprint=_custom("Fingerprint", lambda m, s, n, q: (1,), lambda m, s, n, q: ms.float32),
+        fingerprint=_custom("Fingerprint", ("mean", "invstd", "count", "modulus"),
+                            lambda m, s, n, q: ms.float32),
     )
