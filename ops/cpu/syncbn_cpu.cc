@@ -208,7 +208,11 @@ inline Shape per_channel(const int *ndims, int64_t *const *shapes, int i, int di
 }  // namespace mssbn
 
 // <Kernel>InferShape(ndims, shapes, extra): see "Output shapes" at the top. The
-// third argument is MindSpore's AotExtra *, unused.
+// third argument is MindSpore's AotExtra *, unused. (A C++ type returned from an
+// extern "C" function is MindSpore's convention; Clang would warn about it.)
+#if defined(__clang__)
+#pragma clang diagnostic ignored "-Wreturn-type-c-linkage"
+#endif
 #define MSSBN_INFER_SHAPE(kernel) \
   extern "C" mssbn::Shape kernel##InferShape(int *ndims, int64_t **shapes, void *)
 
