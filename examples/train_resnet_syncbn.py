@@ -23,11 +23,14 @@ What it does, the way a MindSpore user writes it:
    reverted with ``revert_sync_batchnorm`` and into a fresh plain network, checks that
    the three give the same evaluation outputs (float32), and reports the accuracy on
    held-out images (chance: 0.10);
-5. it lists the files it wrote.
+5. it lists the files it wrote, in a new folder per run (``--out-root``, default
+   ./syncbn_runs/run-<date>-<time>; ``--out DIR`` for a folder of your choice): an earlier
+   run's results are never overwritten.
 
 Without msrun the script runs as one rank (no communication), which is a plain run.
 """
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -249,8 +252,8 @@ def parse_args(argv=None):
                         help="MindSpore execution mode (default pynative). In graph mode "
                              "MindSpore's runtime issues the collectives of parallel branches "
                              "(this ResNet's shortcut) in one order on every rank (README, Known "
-                             "issues); were two layers' ever paired, the step stops with guard "
-                             "code 4")
+                             "issues); should the collectives of two layers ever be paired with "
+                             "each other, the step stops with guard code 4")
     parser.add_argument("--lr", type=float, default=0.03, help="learning rate (default 0.03)")
     parser.add_argument("--loss-scale", type=float, default=128.0,
                         help="fixed loss scale with --amp O1-O3 (default 128)")
@@ -258,14 +261,48 @@ def parse_args(argv=None):
     parser.add_argument("--tolerance", type=float, default=None,
                         help="largest allowed |synchronized - single-process| (default per amp "
                              "level: " + ", ".join(f"{k} {v:g}" for k, v in TOLERANCE.items()) + ")")
-    parser.add_argument("--out", default="syncbn_run",
-                        help="directory for the checkpoint and results (default ./syncbn_run)")
+    parser.add_argument("--out-root", default="syncbn_runs",
+                        help="each run writes its checkpoint and results to a new folder "
+                             "run-<date>-<time> in here (default ./syncbn_runs)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="write them to DIR instead (a new or empty folder: a folder that "
+                             "holds a result.json is refused, never overwritten)")
     parser.add_argument("--device", default="CPU", help="device_target (default CPU)")
     return parser.parse_args(argv)
 
 
+def check_out(args):
+    """Refuse --out when it holds an earlier run's results (on every rank, before init())."""
+    if args.out is not None and (Path(args.out) / "result.json").exists():
+        raise SystemExit(f"train_resnet_syncbn.py: --out {args.out} holds an earlier run's results "
+                         f"(result.json); give a new folder, or --out-root for a new one per run")
+
+
+def new_run_folder(args, now=None):
+    """The folder of this run's results, made here: --out, or a new run-<date>-<time> folder
+    in --out-root (-2, -3, ... appended when a folder of that second exists). Never one that
+    holds an earlier run's results."""
+    check_out(args)
+    if args.out is not None:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    root = Path(args.out_root)
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = (now or datetime.datetime.now()).strftime("run-%Y%m%d-%H%M%S")
+    for suffix in [""] + [f"-{n}" for n in range(2, 1000)]:
+        out = root / (stamp + suffix)
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            continue
+    raise SystemExit(f"train_resnet_syncbn.py: no free run folder {root / stamp}-N")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_out(args)
     tolerance = TOLERANCE[args.amp] if args.tolerance is None else args.tolerance
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE,
                    device_target=args.device)
@@ -278,14 +315,13 @@ def main(argv=None):
         rank, world = get_rank(), get_group_size()
     else:
         rank, world = 0, 1
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    log = rank == 0
+    out = new_run_folder(args) if log else None  # rank 0 writes the results
     signals = class_signals(args.seed)
     arrays = training_arrays(args.steps, world * args.batch_size, signals, args.seed)
-    log = rank == 0
     if log:
         print(f"SyncBatchNorm ResNet: {world} rank(s) x {args.batch_size} images per step, "
-              f"{args.steps} steps, {args.mode} mode, amp {args.amp}", flush=True)
+              f"{args.steps} steps, {args.mode} mode, amp {args.amp}; results in {out}", flush=True)
 
     # 1-2. Convert the plain network and train it synchronized: Model.train, DATA_PARALLEL.
     if world > 1:
@@ -351,7 +387,7 @@ def main(argv=None):
         "accuracy": accuracy, "train_seconds": train_seconds, "passed": passed}, indent=1))
     np.save(out / "eval_logits.npy", sync_logits)
     np.save(out / "eval_images.npy", test_images)
-    print("files written:", flush=True)
+    print(f"files written (in {out}):", flush=True)
     for path, what in written.items():
         print(f"  {path}  {what}", flush=True)
     print("PASS" if passed else "FAIL", flush=True)

@@ -2,6 +2,8 @@
 # Run a training script on the 8 NPUs of one Ascend node with msrun (one rank per NPU).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+source "$ROOT/launch/venv.sh"
+syncbn_enter_venv || true  # the environment launch/install.sh set up, if there is one
 
 usage() {
   cat <<USAGE

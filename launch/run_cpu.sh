@@ -2,6 +2,8 @@
 # Run a training script on N local CPU ranks with msrun (default: the SyncBatchNorm ResNet, 2 ranks).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+source "$ROOT/launch/venv.sh"
+syncbn_enter_venv || true  # the environment launch/install.sh set up, if there is one
 
 usage() {
   cat <<USAGE
@@ -57,7 +59,8 @@ if [[ -z "$PORT" ]]; then
 fi
 export GLOG_v="${GLOG_v:-3}"                    # MindSpore: errors only
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # one core's worth of threads per rank
-echo "msrun: $RANKS CPU rank(s), master 127.0.0.1:$PORT, logs in $LOG_DIR/worker_<rank>.log"
+echo "msrun: $RANKS CPU rank(s), master 127.0.0.1:$PORT, logs in $LOG_DIR/worker_<rank>.log," \
+     "python $(command -v python)"
 # MindSpore's RPC layer prints "[INFO] DISTRIBUTED ... Event base dispatch success!" at
 # start-up whatever GLOG_v says, and rank 0's copy shows up after its last line: those
 # lines (and only those) are dropped here; the worker logs keep them.

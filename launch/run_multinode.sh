@@ -2,6 +2,8 @@
 # Run a training script on several nodes with msrun: start this once on every node.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+source "$ROOT/launch/venv.sh"
+syncbn_enter_venv || true  # the environment launch/install.sh set up, if there is one
 
 usage() {
   cat <<USAGE

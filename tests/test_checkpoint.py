@@ -9,6 +9,7 @@
   outputs, and the main job (launch/run_cpu.sh) passes its own check.
 Correctness is checked against tests/reference.py (float64).
 """
+import datetime
 import importlib.util
 import os
 import signal
@@ -177,6 +178,24 @@ def _load_example():
     return module
 
 
+def test_main_job_writes_each_run_to_a_new_folder(tmp_path):
+    """A second run never overwrites the first one's results: a new run-<date>-<time> folder
+    per run under --out-root (suffixed within the same second); --out names the folder and
+    is refused when it holds a result.json."""
+    example = _load_example()
+    args = example.parse_args(["--out-root", str(tmp_path / "runs")])
+    now = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    first, second = example.new_run_folder(args, now), example.new_run_folder(args, now)
+    assert (first.name, second.name) == ("run-20260102-030405", "run-20260102-030405-2")
+    assert first.is_dir() and second.is_dir()
+    (first / "result.json").write_text("{}")
+    with pytest.raises(SystemExit, match="holds an earlier run's results"):
+        example.new_run_folder(example.parse_args(["--out", str(first)]))
+    mine = example.new_run_folder(example.parse_args(["--out", str(tmp_path / "mine")]))
+    assert mine == tmp_path / "mine" and mine.is_dir()
+    assert example.parse_args([]).out_root == "syncbn_runs" and example.parse_args([]).out is None
+
+
 def test_main_job_passes_and_its_checkpoint_loads_single_process(tmp_path):
     """The main job as a user runs it, with float16 mixed precision (--amp O2: Model.train
     with amp_level O2 and a loss scale; the float32 Model.train path is a recipe of
@@ -198,7 +217,8 @@ def test_main_job_passes_and_its_checkpoint_loads_single_process(tmp_path):
     assert "step   4/4  loss" in stdout and "-> PASS" in stdout, stdout[-4000:]
     assert "amp O2" in stdout and "includes compiling" in stdout, stdout[-4000:]
     assert "[INFO]" not in stdout and "[WARNING]" not in stdout, stdout[-4000:]
-    listed = stdout[stdout.index("files written:"):]
+    assert f"results in {out}" in stdout, stdout[-4000:]
+    listed = stdout[stdout.index("files written"):]
     for name in ("resnet_syncbn.ckpt", "result.json", "eval_images.npy", "eval_logits.npy"):
         assert str(out / name) in listed and (out / name).exists(), listed
     assert stdout.rstrip().endswith("PASS"), stdout[-2000:]

@@ -84,7 +84,8 @@ def built_html(tmp_path_factory):
     try:
         import sphinx  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     except ImportError:
-        pytest.fail("Sphinx is not installed: pip install -r requirements-docs.txt")
+        pytest.fail("Sphinx is not installed: bash launch/install.sh --tests (the tests' tools, "
+                    "requirements-docs.txt among them)")
     out = tmp_path_factory.mktemp("docs_html")
     cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-W", "--keep-going", "-q",
            str(DOCS), str(out)]

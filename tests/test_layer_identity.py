@@ -3,20 +3,21 @@
 One msrun job of 3 ranks (tests/workers/layer_identity.py) runs every scenario in
 PyNative and in graph mode: layers that only some ranks build (never called, called
 only in eval, trained on a subgroup), models built in different orders, two models
-trained in one step (one of them a ``copy.deepcopy`` of the other), one layer applied twice, a model rebuilt after a checkpoint
-load. Each must train to the float64 full-batch result (torch autograd on the
-concatenated batch). Swapping two layers' backward collectives on one rank must
-still stop the step on every rank with a message that names the check, the layer
-and the causes.
+trained in one step (one of them a ``copy.deepcopy`` of the other), one layer applied
+twice, a model rebuilt after a checkpoint load. Each must train to the float64
+full-batch result (tests/reference.py on the concatenated batch, through the chain rule
+of the small network, ``reference_step``). Swapping two layers' backward collectives on
+one rank must still stop the step on every rank with a message that names the check,
+the layer and the causes.
 """
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from ms_syncbn.kernels import GUARD_MEANINGS, GUARD_MISPAIRED
+from tests import reference
 from tests.harness import run_msrun
 
 WORLD = 3
@@ -54,25 +55,32 @@ def reference_step(x, dy, models, shared):
     """float64 loss sum(out * dy) per row, dx, and d loss / d parameter for the full batch.
 
     `models` copies of the worker's Pair: out = a * b + a, a = A(x), b = B(x * x) (A(x * x)
-    when `shared`); parameters are ("models.<i>.bn_<a|b>.<weight|bias>") -> gradient."""
-    x = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-    dy = torch.tensor(dy, dtype=torch.float64)
-    params, total = {}, 0.0
+    when `shared`); parameters are ("models.<i>.bn_<a|b>.<weight|bias>") -> gradient.
+    Backward by the chain rule: d out / d a = b + 1 and d out / d b = a, each layer's
+    backward from tests/reference.py, and d (x * x) / d x = 2 x: per model,
+    g_a = dy * (b + 1), g_b = dy * a, dx = dx_A(g_a) + 2 * x * dx_B(g_b).
+    """
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(dy, np.float64)
+    second = "a" if shared else "b"
+    (weight_a, bias_a), (weight_b, bias_b) = AFFINE["a"], AFFINE[second]
+    a = reference.forward(x, weight_a, bias_a, EPS)
+    b = reference.forward(x * x, weight_b, bias_b, EPS)
+    rows = ((a * b + a) * dy).reshape(len(x), -1).sum(axis=1) * models
+    dx_a, dweight_a, dbias_a = reference.backward(x, dy * (b + 1), weight_a, EPS)
+    dx_b, dweight_b, dbias_b = reference.backward(x * x, dy * a, weight_b, EPS)
+    dx = (dx_a + 2 * x * dx_b) * models
+    if shared:  # A takes both gradients; B is not in the graph
+        layer_grads = {"a": (dweight_a + dweight_b, dbias_a + dbias_b),
+                       "b": (np.zeros(3), np.zeros(3))}
+    else:
+        layer_grads = {"a": (dweight_a, dbias_a), "b": (dweight_b, dbias_b)}
+    grads = {}
     for index in range(models):
-        weights = {}
-        for layer in ("a", "b"):
-            w, b = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in AFFINE[layer])
-            weights[layer] = (w, b)
-            params[f"models.{index}.bn_{layer}.weight"], params[f"models.{index}.bn_{layer}.bias"] = w, b
-        second = "a" if shared else "b"
-        a = torch.nn.functional.batch_norm(x, None, None, *weights["a"], training=True, eps=EPS)
-        b = torch.nn.functional.batch_norm(x * x, None, None, *weights[second], training=True,
-                                           eps=EPS)
-        total = total + (a * b + a) * dy
-    rows = total.reshape(total.shape[0], -1).sum(dim=1)
-    rows.sum().backward()
-    grads = {name: (p.grad.numpy() if p.grad is not None else np.zeros(3)) for name, p in params.items()}
-    return rows.detach().numpy(), x.grad.numpy(), grads
+        for layer, (dweight, dbias) in layer_grads.items():
+            grads[f"models.{index}.bn_{layer}.weight"] = dweight
+            grads[f"models.{index}.bn_{layer}.bias"] = dbias
+    return rows, dx, grads
 
 
 def running_reference(inputs):
@@ -153,14 +161,11 @@ def test_correct_jobs_train_to_the_full_batch_result(job, mode, scenario):
         check_running_stats(ranks, "", inputs, [x * x for x in inputs])
     if scenario == "extra_subgroup":  # the layer trained on ranks 0 and 1 only
         members = ranks[:2]
-        x = torch.tensor(np.concatenate([a["subgroup_x"] for _, a in members]), dtype=torch.float64,
-                         requires_grad=True)
+        x = np.concatenate([a["subgroup_x"] for _, a in members])
         dy = np.concatenate([a["subgroup_dy"] for _, a in members])
-        weight, bias = torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-        y = torch.nn.functional.batch_norm(x, None, None, weight, bias, training=True, eps=EPS)
-        (y * torch.tensor(dy, dtype=torch.float64)).sum().backward()
+        dx, _, _ = reference.backward(x, dy, np.ones(3), EPS)
         got = np.concatenate([a["subgroup_dx"] for _, a in members])
-        assert_close(got, x.grad.numpy(), "subgroup layer dx")
+        assert_close(got, dx, "subgroup layer dx")
 
 
 @pytest.mark.parametrize("mode", MODES)

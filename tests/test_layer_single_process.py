@@ -2,7 +2,8 @@
 
 Without communication the layer must be a batch norm over the local batch, in
 PyNative and in graph mode; every number is compared with the float64
-reference (tests/reference.py) and once with torch's BatchNorm in float64.
+reference (tests/reference.py); its stateful ``BatchNorm`` holds the layer's behaviour over calls
+(running statistics, ``track_running_stats``) to that of torch's and mint's modules.
 """
 import inspect
 import pydoc
@@ -406,10 +407,9 @@ def test_eps_and_momentum_set_after_construction_take_effect(execution, table, m
 def test_track_running_stats_set_on_a_built_layer_behaves_as_in_torch(execution):
     """``m.track_running_stats = False`` on a layer with running statistics (freezing them):
     training uses the batch and leaves them and num_batches_tracked alone, evaluation still
-    uses them, as torch's BatchNorm (float64, the oracle) and mint read the flag at every call.
-    Set before the first call in every mode; in plain PyNative switched off and on again
-    between calls."""
-    import torch  # the test oracle (installed by launch/install.sh)
+    uses them, as torch's BatchNorm and mint read the flag at every call (the oracle: the
+    float64 ``reference.BatchNorm``). Set before the first call in every mode; in plain
+    PyNative switched off and on again between calls."""
     layer = SyncBatchNorm(3, momentum=0.2)
     layer.track_running_stats = False
     changes_between_calls = ms.get_context("mode") == ms.PYNATIVE_MODE and not execution
@@ -420,30 +420,21 @@ def test_track_running_stats_set_on_a_built_layer_behaves_as_in_torch(execution)
     weight, bias = rng.uniform(0.5, 2.0, 3), rng.uniform(-1, 1, 3)
     set_parameters(layer, weight, bias)
     driver = LayerDriver(layer, jit=execution)
-    bn = torch.nn.BatchNorm1d(3, eps=EPS, momentum=0.2, dtype=torch.float64)
-    with torch.no_grad():
-        bn.weight.copy_(torch.from_numpy(weight))
-        bn.bias.copy_(torch.from_numpy(bias))
+    bn = reference.BatchNorm(weight, bias, EPS, momentum=0.2)
     for step, tracked in enumerate(schedule + ["eval"]):
         x, dy = random_batch(rng, (6, 3, 5)), rng.standard_normal((6, 3, 5)).astype(np.float32)
         if tracked == "eval":
-            bn.train(False)
+            bn.training = False
             got = driver.evaluate(x, dy)
         else:
             layer.track_running_stats = bn.track_running_stats = tracked
-            bn.train(True)
+            bn.training = True
             got = {**driver.train(x, dy), **driver.state()}
-        bn.zero_grad()
-        xt = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
-        y = bn(xt)
-        (y * torch.from_numpy(dy.astype(np.float64))).sum().backward()
-        want = {"y": y.detach().numpy(), "dx": xt.grad.numpy(), "dweight": bn.weight.grad.numpy(),
-                "dbias": bn.bias.grad.numpy(), "running_mean": bn.running_mean.numpy(),
-                "running_var": bn.running_var.numpy()}
+        want = {**bn.step(x, dy), "running_mean": bn.running_mean, "running_var": bn.running_var}
         for key in want if tracked != "eval" else ("y", "dx", "dweight", "dbias"):
             assert_close(got[key], want[key], FLOAT32_TOL, f"step {step} ({tracked}) {key}")
         if tracked != "eval":
-            assert int(got["num_batches_tracked"]) == int(bn.num_batches_tracked), step
+            assert int(got["num_batches_tracked"]) == bn.num_batches_tracked, step
 
 
 def test_track_running_stats_set_on_a_layer_built_without_them_is_value_error(mode):
@@ -602,26 +593,19 @@ def test_recomputed_block_updates_the_running_statistics_once_in_graph_mode():
     assert int(layer.num_batches_tracked.asnumpy()) == 1
 
 
-def test_local_layer_equals_torch_batchnorm_float64(execution):
-    import torch  # the test oracle (installed by launch/install.sh)
+def test_local_layer_equals_the_float64_layer_over_steps(execution):
+    """Three training steps then evaluation, momentum 0.2, against the stateful float64
+    ``reference.BatchNorm`` (the running statistics it keeps, not the test's own recurrence)."""
     layer = SyncBatchNorm(3, momentum=0.2)
     xs, dys, weight, bias, results = _run_local(layer, (5, 3, 4, 3), steps=3, seed=25,
                                                 jit=execution)
-    bn = torch.nn.BatchNorm2d(3, eps=EPS, momentum=0.2, dtype=torch.float64)
-    with torch.no_grad():
-        bn.weight.copy_(torch.from_numpy(weight))
-        bn.bias.copy_(torch.from_numpy(bias))
+    bn = reference.BatchNorm(weight, bias, EPS, momentum=0.2)
     for step, (x, dy, got) in enumerate(zip(xs, dys, results)):
-        bn.train(step < len(xs) - 1)
-        bn.zero_grad()
-        xt = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
-        y = bn(xt)
-        (y * torch.from_numpy(dy.astype(np.float64))).sum().backward()
-        assert_close(got["y"], y.detach().numpy(), FLOAT32_TOL, f"step {step} y")
-        assert_close(got["dx"], xt.grad.numpy(), FLOAT32_TOL, f"step {step} dx")
-        assert_close(got["dweight"], bn.weight.grad.numpy(), FLOAT32_TOL, f"step {step} dweight")
-        assert_close(got["dbias"], bn.bias.grad.numpy(), FLOAT32_TOL, f"step {step} dbias")
+        bn.training = step < len(xs) - 1
+        want = bn.step(x, dy)
+        for key in ("y", "dx", "dweight", "dbias"):
+            assert_close(got[key], want[key], FLOAT32_TOL, f"step {step} {key}")
         if bn.training:
-            assert_close(got["running_mean"], bn.running_mean.numpy(), FLOAT32_TOL, "running_mean")
-            assert_close(got["running_var"], bn.running_var.numpy(), FLOAT32_TOL, "running_var")
-            assert int(got["num_batches_tracked"]) == int(bn.num_batches_tracked)
+            assert_close(got["running_mean"], bn.running_mean, FLOAT32_TOL, "running_mean")
+            assert_close(got["running_var"], bn.running_var, FLOAT32_TOL, "running_var")
+            assert int(got["num_batches_tracked"]) == bn.num_batches_tracked

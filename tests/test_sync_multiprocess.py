@@ -33,8 +33,10 @@ DYNAMIC_SCENARIOS = ("dynamic_shapes", "world4_dynamic_shapes")
 JOBS = {
     "pynative_2ranks": dict(world=2, mode="pynative", scenarios=TWO_RANK_SCENARIOS),
     "graph_2ranks": dict(world=2, mode="graph", scenarios=TWO_RANK_SCENARIOS),
+    # apex_groups_pynative runs in PyNative mode within this graph-mode job (its own mode)
     "graph_4ranks": dict(world=4, mode="graph",
-                         scenarios=["world4_uneven", "subgroups", "group_errors"]),
+                         scenarios=["world4_uneven", "subgroups", "group_errors", "apex_groups",
+                                    "apex_group_errors", "apex_groups_pynative"]),
 }
 JOB_TIMEOUT = 360  # seconds; a job takes 20-40 s on 2 idle cores, a few times that when shared
 
@@ -47,7 +49,7 @@ STATS_TOL = 2e-5
 LARGE_MEAN_VAR_TOL = 1e-4  # relative, per channel: the issue's bound
 
 TRAINING_CASES = [(job, scenario) for job, spec in JOBS.items() for scenario in spec["scenarios"]
-                  if scenario not in ("one_value", "group_errors")]
+                  if scenario not in ("one_value", "group_errors", "apex_group_errors")]
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +252,55 @@ def test_process_group_errors_under_init(jobs):
         for group, outcome in outcomes.items():
             assert outcome["error_type"] == "ValueError", (meta["rank"], group, outcome)
             assert group in outcome["message"], outcome["message"]
+
+
+@pytest.mark.parametrize("scenario, mode", [("apex_groups", "graph"),
+                                            ("apex_groups_pynative", "pynative")])
+def test_create_syncbn_process_group_pairs_consecutive_ranks(jobs, scenario, mode):
+    """create_syncbn_process_group(2) on 4 ranks: groups {0, 1} and {2, 3} under the documented
+    names, layers converted with it synchronize within their pair only (each pair's results are
+    checked against the reference above), in graph mode and in PyNative."""
+    ranks = _load(jobs("graph_4ranks"), scenario, 4)
+    for meta, _ in ranks:
+        assert meta["status"] == "ok", f"rank {meta['rank']}: {meta.get('traceback')}"
+        assert meta["mode"] == mode, meta["mode"]
+        assert meta["built_by"] == "convert_sync_batchnorm"
+        assert meta["layer_group_size"] == 2, meta
+        assert meta["layer_momentum"] == pytest.approx(meta["momentum"], abs=1e-12)
+    groups = _groups(ranks)
+    assert sorted(groups) == ["ms_syncbn_ranks_0-1", "ms_syncbn_ranks_2-3"], sorted(groups)
+    assert [m["rank"] for m, _ in groups["ms_syncbn_ranks_0-1"]] == [0, 1]
+    assert [m["rank"] for m, _ in groups["ms_syncbn_ranks_2-3"]] == [2, 3]
+    steps = ranks[0][0]["steps"]
+    means = {name: members[0][1][f"running_mean{steps - 1}"] for name, members in groups.items()}
+    spread = abs(float(np.mean(means["ms_syncbn_ranks_0-1"] - means["ms_syncbn_ranks_2-3"])))
+    assert spread > 20.0, means  # data means differ by 50: the pairs did not mix
+
+
+def test_create_syncbn_process_group_values_errors_and_second_call(jobs):
+    """On every rank of 4: group_size 3 and 8 raise ValueError naming group_size, the value
+    and the world size; 0 gives None; 4 the world group; 2 the rank's pair, the same name on a
+    second call; 1 the rank alone, whose layer normalizes over the rank's own batch."""
+    ranks = _load(jobs("graph_4ranks"), "apex_group_errors", 4)
+    for meta, arrays in ranks:
+        rank, outcomes = meta["rank"], meta["outcomes"]
+        for label, value in (("size3", 3), ("size8", 8)):
+            outcome = outcomes[label]
+            assert outcome["error_type"] == "ValueError", (rank, outcome)
+            assert f"group_size={value}" in outcome["message"], outcome["message"]
+            assert "world size 4" in outcome["message"], outcome["message"]
+        assert outcomes["size0"] == dict(error_type=None, message="", group=None), outcomes
+        pair = f"ms_syncbn_ranks_{rank // 2 * 2}-{rank // 2 * 2 + 1}"
+        expected = {"size4": (meta["world_group"], 4), "size2": (pair, 2),
+                    "size2_again": (pair, 2), "size1": (f"ms_syncbn_ranks_{rank}-{rank}", 1),
+                    "size1_again": (f"ms_syncbn_ranks_{rank}-{rank}", 1)}
+        for label, (group, layer_size) in expected.items():
+            outcome = outcomes[label]
+            assert outcome["error_type"] is None, (rank, label, outcome)
+            assert (outcome["group"], outcome["layer_group_size"]) == (group, layer_size), \
+                (rank, label, outcome)
+        assert meta["world_group"], meta
+        assert meta["status"] == "ok", f"rank {rank}: {meta.get('traceback')}"
+        want = batch_stats_step(arrays["x"], arrays["dy"], np.ones(3), np.zeros(3), 1e-5)
+        for key in ("y", "dx", "dweight", "dbias"):
+            assert_close(arrays[key], want[key], FLOAT32_TOL, f"rank {rank} group_size 1 {key}")

@@ -11,9 +11,10 @@ some ranks build but others do not, build in another order, or call elsewhere. R
 hold uneven slices of the full batch. Per step every rank saves its slice of x and of
 the upstream gradient, its loss sum(out * dy), dx and the layers' weight/bias gradients,
 and after the steps the running statistics: the test rebuilds the full batch and checks
-them against float64 torch. ``mispaired`` swaps two layers' backward collectives on
-rank 0 and records the error. Writes ``DIR/<mode>_<scenario>/rank<r>.npz`` and
-``rank<r>.json`` (status, error type and message), scenario by scenario.
+them against the float64 reference (tests/reference.py). ``mispaired`` swaps two layers'
+backward collectives on rank 0 and records the error. Writes
+``DIR/<mode>_<scenario>/rank<r>.npz`` and ``rank<r>.json`` (status, error type and
+message), scenario by scenario.
 """
 import argparse
 import copy

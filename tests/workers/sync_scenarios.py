@@ -18,7 +18,8 @@ tests/reference.py. Per scenario and rank it writes ``DIR/<scenario>/rank<r>.npz
 and ``rank<r>.json`` (group, sizes, layer arguments, and the error if one was
 raised). Results are written as each scenario ends, so a later hang or crash
 cannot hide earlier results. A scenario that raises is recorded and the next
-one runs.
+one runs. A scenario may name its own mode (``mode``), which holds while it runs:
+one job then covers PyNative and graph mode.
 """
 import argparse
 import json
@@ -30,16 +31,20 @@ from pathlib import Path
 
 import numpy as np
 import mindspore as ms
-from mindspore.communication import create_group, get_group_size, get_rank, init
+from mindspore import nn
+from mindspore.communication import GlobalComm, create_group, get_group_size, get_rank, init
 
 from core_steps import LayerDriver, random_batch, round_to, set_parameters
-from ms_syncbn import SyncBatchNorm
+from ms_syncbn import SyncBatchNorm, convert_sync_batchnorm, create_syncbn_process_group
 
 EPS = 1e-5
 
 # A scenario: per-step local batch sizes of the group members (group order), the
 # trailing shape (C, *), layer arguments, input dtype, data, eval batch sizes, and
-# optionally the subgroups: {name: ranks}; a rank runs the one it belongs to.
+# optionally the subgroups: {name: ranks}, a rank runs the one it belongs to; or
+# group_size: the groups of create_syncbn_process_group(group_size), per-group values keyed
+# "<first rank>-<last rank>". build="convert": the layer is an nn.BatchNorm2d with the
+# layer's momentum converted by convert_sync_batchnorm(..., process_group=group).
 # dynamic=True: the steps run in graphs compiled once for dynamic shapes (LayerDriver's
 # dynamic_rank; under mindspore.jit in a PyNative job), each training step with its own
 # trailing shape from "tails" ("tail" is the evaluation's).
@@ -88,18 +93,49 @@ SCENARIOS = {
     # the other half of the world (run after "subgroups", which created each rank's own half)
     "group_errors": dict(kind="group_errors",
                          groups={"no-such-group": None, "0-1": [0, 1], "2-3": [2, 3]}),
+    # groups of 2 consecutive ranks from create_syncbn_process_group(2), the layer converted
+    # from nn.BatchNorm2d with that group; graph mode, and PyNative in the same job
+    "apex_groups": dict(group_size=2, build="convert", tail=(3, 2, 3), eval_sizes=[1, 2],
+                        sizes={"0-1": [[4, 1], [0, 3], [2, 5]], "2-3": [[2, 2], [5, 0], [1, 3]]},
+                        mean={"0-1": -20.0, "2-3": 30.0}, std=2.0, layer=dict(momentum=0.3)),
+    "apex_groups_pynative": dict(group_size=2, build="convert", mode="pynative", tail=(2, 3, 2),
+                                 eval_sizes=[2, 0], sizes={"0-1": [[1, 5], [3, 3], [0, 4]],
+                                                           "2-3": [[6, 1], [2, 0], [3, 2]]},
+                                 mean={"0-1": 40.0, "2-3": -10.0}, std=1.5,
+                                 layer=dict(momentum=0.6)),
+    # create_syncbn_process_group's other values and errors on 4 ranks, and a second call
+    "apex_group_errors": dict(kind="apex_group_errors"),
 }
 
 
 def _group_of(spec, rank):
-    """(group name or None, world ranks in group order) of this rank for the scenario."""
+    """(group name or None, world ranks in group order, key of the scenario's per-group values)
+    of this rank for the scenario."""
+    if "group_size" in spec:  # consecutive ranks; the name is the function's
+        size = spec["group_size"]
+        ranks = list(range(rank // size * size, rank // size * size + size))
+        return create_syncbn_process_group(size), ranks, f"{ranks[0]}-{ranks[-1]}"
     groups = spec.get("groups")
     if groups is None:
-        return None, list(range(get_group_size()))
+        return None, list(range(get_group_size())), None
     for name, ranks in groups.items():
         if rank in ranks:
-            return name, ranks
+            return name, ranks, name
     raise ValueError(f"rank {rank} is in none of the groups {groups}")
+
+
+def _build_layer(spec, channels, group, layer_args):
+    """The scenario's SyncBatchNorm: built directly, or converted from an nn.BatchNorm2d."""
+    if spec.get("build") != "convert":
+        return SyncBatchNorm(channels, eps=EPS, process_group=group, **layer_args)
+    # nn.BatchNorm2d(momentum=m) keeps m of the running value: the layer's momentum is 1 - m
+    holder = nn.SequentialCell([nn.BatchNorm2d(channels, eps=EPS,
+                                               momentum=1.0 - layer_args["momentum"])])
+    convert_sync_batchnorm(holder, process_group=group)
+    layer = holder[0]
+    if not isinstance(layer, SyncBatchNorm):
+        raise TypeError(f"convert_sync_batchnorm left {type(layer).__name__}")
+    return layer
 
 
 def _per_group(value, group):
@@ -107,8 +143,8 @@ def _per_group(value, group):
 
 
 def run_scenario(name, spec, rank, created_groups):
-    group, ranks = _group_of(spec, rank)
-    if group is not None and group not in created_groups:
+    group, ranks, key = _group_of(spec, rank)
+    if "groups" in spec and group not in created_groups:
         create_group(group, ranks)  # only the group this rank belongs to
         created_groups.add(group)
     member = ranks.index(rank)
@@ -119,7 +155,10 @@ def run_scenario(name, spec, rank, created_groups):
     meta = dict(scenario=name, rank=rank, group=group, group_ranks=ranks, member=member,
                 dtype=dtype, eps=EPS, layer=layer_args, momentum=layer_args.get("momentum", 0.1))
     arrays = {}
-    layer = SyncBatchNorm(channels, eps=EPS, process_group=group, **layer_args)
+    layer = _build_layer(spec, channels, group, layer_args)
+    meta.update(layer_momentum=layer.momentum, layer_group_size=layer.group_size,
+                built_by="convert_sync_batchnorm" if spec.get("build") == "convert"
+                else "SyncBatchNorm")
     if layer.affine:
         weight = rng.uniform(0.5, 2.0, channels) * rng.choice([-1.0, 1.0], channels)
         set_parameters(layer, weight, rng.uniform(-1.0, 1.0, channels))
@@ -130,8 +169,8 @@ def run_scenario(name, spec, rank, created_groups):
                              dynamic_rank=len(spec["tail"]) + 1, dynamic_dtype=dtype)
     else:
         driver = LayerDriver(layer)
-    mean = _per_group(spec.get("mean"), group)
-    steps = _per_group(spec["sizes"], group)
+    mean = _per_group(spec.get("mean"), key)
+    steps = _per_group(spec["sizes"], key)
     meta["steps"] = len(steps)
     try:
         for step, sizes in enumerate(steps):
@@ -194,6 +233,39 @@ def check_group_arguments(spec, rank):
     return meta, {}
 
 
+def check_create_syncbn_process_group(rank):
+    """create_syncbn_process_group on 4 ranks: what each group_size gives or raises, a second
+    call, and layers built on the groups (group_size 1: a step on the rank's own batch)."""
+    meta = dict(rank=rank, status="ok", world_group=GlobalComm.WORLD_COMM_GROUP, outcomes={})
+    arrays = {}
+    for label, group_size in [("size3", 3), ("size8", 8), ("size0", 0), ("size4", 4),
+                              ("size2", 2), ("size2_again", 2), ("size1", 1), ("size1_again", 1)]:
+        try:
+            group = create_syncbn_process_group(group_size)
+            outcome = dict(error_type=None, message="", group=group)
+            if group_size:
+                outcome["layer_group_size"] = SyncBatchNorm(3, process_group=group).group_size
+        except Exception as err:  # the test checks the type and message
+            outcome = dict(error_type=type(err).__name__, message=str(err))
+        meta["outcomes"][label] = outcome
+    try:  # group_size 1: each rank alone; the ranks' data differ, so any sync would show
+        layer = SyncBatchNorm(3, process_group=create_syncbn_process_group(1))
+        rng = np.random.default_rng(500 + rank)
+        x = random_batch(rng, (2 + rank, 3, 4), mean_scale=5.0)
+        dy = rng.standard_normal(x.shape).astype(np.float32)
+        step = LayerDriver(layer).train(x, dy)
+        arrays.update(x=x, dy=dy,
+                      **{key: value for key, value in step.items() if value is not None})
+    except Exception as err:
+        meta.update(status="error", error_type=type(err).__name__, message=str(err),
+                    traceback=traceback.format_exc())
+    return meta, arrays
+
+
+def _mode_name():
+    return "graph" if ms.get_context("mode") == ms.GRAPH_MODE else "pynative"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -212,13 +284,19 @@ def main():
     init()
     rank = get_rank()
     created_groups = set()
+    job_mode = ms.get_context("mode")
     for name in args.scenarios:
         spec = SCENARIOS[name]
+        if "mode" in spec:
+            ms.set_context(mode=ms.GRAPH_MODE if spec["mode"] == "graph" else ms.PYNATIVE_MODE)
         if spec.get("kind") == "group_errors":
             meta, arrays = check_group_arguments(spec, rank)
+        elif spec.get("kind") == "apex_group_errors":
+            meta, arrays = check_create_syncbn_process_group(rank)
         else:
             meta, arrays = run_scenario(name, spec, rank, created_groups)
-        meta["mode"] = args.mode
+        meta["mode"] = _mode_name()
+        ms.set_context(mode=job_mode)
         meta["table"] = ("Ascend (emulated, " + args.emulate_ascend + ")" if args.emulate_ascend
                          else args.device)
         out_dir = os.path.join(args.out, name)
