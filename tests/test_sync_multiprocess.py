@@ -28,8 +28,6 @@ TWO_RANK_SCENARIOS = ["uneven_4d", "empty_rank", "large_mean", "float16", "bfloa
                       "affine_false_cma", "untracked", "rank2", "rank3", "rank5",
                       "dynamic_shapes",  # graph mode; under jit in the PyNative job
                       "one_value"]  # last: a failure there cannot disturb the others
-# scenarios whose steps run in graphs compiled once for dynamic shapes (sync_scenarios.py)
-DYNAMIC_SCENARIOS = ("dynamic_shapes", "world4_dynamic_shapes")
 JOBS = {
     "pynative_2ranks": dict(world=2, mode="pynative", scenarios=TWO_RANK_SCENARIOS),
     "graph_2ranks": dict(world=2, mode="graph", scenarios=TWO_RANK_SCENARIOS),
