@@ -50,18 +50,23 @@ class _SharedCustom(ops.Custom):
         return self
 
 
-def _custom(symbol: str, inputs, out_dtype) -> _SharedCustom:
+def _custom(symbol: str, inputs, out_dtype, outputs=("output",)) -> _SharedCustom:
     """The AOT primitive of kernel `symbol` of the library, whose inputs are named `inputs`.
 
     Its output shape is the library's ``<symbol>InferShape`` (C++, so also for dynamic shapes:
     see the module docstring), its output dtype ``out_dtype(*input_dtypes)``. The registration
     info names the kernel and accepts any dtype and format: the kernel checks its dtypes itself.
+    A kernel with several `outputs` (names) returns a tuple; its ``<symbol>InferShape`` then
+    returns ``std::vector<std::vector<int64_t>>``, one shape per output, and `out_dtype` a
+    tuple of dtypes (MindSpore's multi-output convention, keyed on the registered outputs).
     """
     info = CustomRegOp(symbol)
     for index, name in enumerate(inputs):
         info = info.input(index, name)
-    any_dtype = (DataType.None_None,) * (len(inputs) + 1)
-    info = info.output(0, "output").dtype_format(*any_dtype).target("CPU").get_op_info()
+    for index, name in enumerate(outputs):
+        info = info.output(index, name)
+    any_dtype = (DataType.None_None,) * (len(inputs) + len(outputs))
+    info = info.dtype_format(*any_dtype).target("CPU").get_op_info()
     return _SharedCustom(f"{cpu_library_path()}:{symbol}", out_shape=None, out_dtype=out_dtype,
                          func_type="aot", reg_info=info)
 

@@ -14,6 +14,8 @@
 // a graph compiled for dynamic shapes, again at run time with each step's
 // input shapes. An unknown dimension is -1 and an unknown rank is the shape
 // {-2}; the functions pass them on (a per-channel length of unknown C is -1).
+// (A kernel with several outputs would return std::vector<std::vector<int64_t>>,
+// one shape per output, and be registered with its outputs: kernels/cpu.py.)
 // MindSpore 2.10 cannot call a Python shape function at run time (its kernel
 // graph holds a plain Primitive, not the PrimitivePy), hence these.
 //
