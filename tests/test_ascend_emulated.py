@@ -18,17 +18,19 @@ import pytest
 from ms_syncbn.kernels import GUARD_SINGLE_VALUE, guard_message
 from tests.harness import scenario_jobs
 from tests.test_sync_multiprocess import (LARGE_MEAN_VAR_TOL, STATS_TOL, _check_group,
-                                          _groups, _load)
+                                          _groups, _load, check_one_graph_per_step_kind)
 
 JOBS = {
     "emulated_pynative_2ranks": dict(
         world=2, mode="pynative",
         scenarios=["uneven_4d", "empty_rank", "all_empty", "large_mean", "float16", "bfloat16",
-                   "float64", "affine_false_cma", "untracked", "rank2", "rank5", "one_value"]),
+                   "float64", "affine_false_cma", "untracked", "rank2", "rank5", "dynamic_shapes",
+                   "one_value"]),
     "emulated_graph_4ranks": dict(
         world=4, mode="graph",
         # bfloat16 and float64 run in the PyNative job (suite time)
-        scenarios=["world4_uneven", "world4_all_empty", "world4_large_mean", "subgroups"]),
+        scenarios=["world4_uneven", "world4_all_empty", "world4_large_mean", "subgroups",
+                   "world4_dynamic_shapes"]),
 }
 VARIANT = "a2"  # the worst case; the 910_95 variant is covered by tests/test_ascend_binding.py
 JOB_TIMEOUT = 420  # seconds
@@ -79,6 +81,14 @@ def test_ascend_table_large_mean_variance_within_1e4_relative(jobs, job, scenari
         got = members[0][1][f"running_var{step}"].astype(np.float64)
         rel = np.abs(got - want) / want
         assert np.all(rel <= LARGE_MEAN_VAR_TOL), f"step {step}: relative variance error {rel}"
+
+
+@pytest.mark.parametrize("job, scenario", [("emulated_pynative_2ranks", "dynamic_shapes"),
+                                           ("emulated_graph_4ranks", "world4_dynamic_shapes")])
+def test_ascend_table_dynamic_shape_steps_compile_one_graph(jobs, job, scenario):
+    """One graph per kind of step (PyNative: under jit) for steps of several shapes with an
+    empty rank (checked against the reference above)."""
+    check_one_graph_per_step_kind(_load(jobs(job), scenario, JOBS[job]["world"]))
 
 
 def check_one_value_stopped(ranks):

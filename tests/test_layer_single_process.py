@@ -517,40 +517,45 @@ def test_deep_copy_is_an_independent_layer(mode, table, monkeypatch):
         np.testing.assert_array_equal(getattr(original, name).asnumpy(), before[name], err_msg=name)
 
 
-def test_emulated_ascend_table_in_a_dynamic_batch_graph(monkeypatch):
-    """One compiled graph (``set_inputs`` with a None batch dimension) trains on batches of 4, 6
-    and 3 with the Ascend table over the emulated primitives, each step equal to the float64
-    reference. (The CPU table cannot: README, Known issues.)"""
-    from mindspore import nn
-    from tests.workers.core_steps import OutputDotUpstream
-    use_emulated_ascend("a2", monkeypatch)
-    ms.set_context(mode=ms.GRAPH_MODE)
+# Steps one dynamic-shape graph trains on: N, and every dimension after C, change from step to
+# step (an empty batch among them); trailing dimensions for 2-D to 5-D input.
+DYNAMIC_BATCHES = (4, 0, 6, 3)
+DYNAMIC_SPATIAL = ((5, 4, 2), (3, 2, 3), (2, 7, 1), (1, 3, 4))
+
+
+@pytest.mark.parametrize("table", ["cpu", "emulated_ascend"])
+@pytest.mark.parametrize("execution, ndim", [("graph", 2), ("jit", 3), ("graph", 4), ("jit", 4),
+                                             ("graph", 5)])
+def test_one_dynamic_shape_graph_trains_on_batches_of_every_shape(table, execution, ndim,
+                                                                  monkeypatch):
+    """A training step compiled once (``Cell.set_inputs`` with every dimension but C None; in
+    graph mode, or in PyNative under ``mindspore.jit``) trains on batches whose N and trailing
+    dimensions change every step, an empty batch included, without compiling again: y, dx,
+    weight and bias gradients and the running statistics equal the float64 reference after
+    every step. Both tables: the CPU table's kernels infer their output shapes in C++ at run
+    time (ms_syncbn/kernels/cpu.py)."""
+    if table == "emulated_ascend":
+        use_emulated_ascend("a2", monkeypatch)
+    ms.set_context(mode=ms.GRAPH_MODE if execution == "graph" else ms.PYNATIVE_MODE)
     try:
         layer = SyncBatchNorm(3)
-        rng = np.random.default_rng(39)
+        rng = np.random.default_rng(39 + ndim)
         weight, bias = rng.uniform(0.5, 2.0, 3), rng.uniform(-1, 1, 3)
         set_parameters(layer, weight, bias)
-
-        class Step(nn.Cell):
-            def __init__(self):
-                super().__init__()
-                self.net = OutputDotUpstream(layer)  # a sub-cell: set_train reaches the layer
-                self.grad = ms.value_and_grad(self.net, grad_position=0, has_aux=True)
-
-            def construct(self, x, dy):
-                (_, y), dx = self.grad(x, dy)
-                return y, dx
-
-        step = Step()
-        step.set_train(True)
-        step.set_inputs(ms.Tensor(shape=[None, 3, 5], dtype=ms.float32),
-                        ms.Tensor(shape=[None, 3, 5], dtype=ms.float32))
-        for batch in (4, 6, 3):
-            x, dy = random_batch(rng, (batch, 3, 5)), rng.standard_normal((batch, 3, 5)).astype(np.float32)
-            y, dx = step(ms.Tensor(x), ms.Tensor(dy))
-            want = batch_stats_step(x, dy, weight, bias, EPS)
-            assert_close(y.asnumpy(), want["y"], FLOAT32_TOL, f"batch {batch} y")
-            assert_close(dx.asnumpy(), want["dx"], FLOAT32_TOL, f"batch {batch} dx")
+        driver = LayerDriver(layer, jit=execution == "jit", dynamic_rank=ndim)
+        shapes = [(batch, 3) + spatial[:ndim - 2]
+                  for batch, spatial in zip(DYNAMIC_BATCHES, DYNAMIC_SPATIAL)]
+        xs = [random_batch(rng, shape) for shape in shapes]
+        dys = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+        with warnings.catch_warnings():  # the empty step's (empty) reference: means of nothing
+            warnings.simplefilter("ignore", RuntimeWarning)
+            wants = expected_training(xs, dys, weight, bias, EPS, 0.1, True)
+        for x, dy, want in zip(xs, dys, wants):
+            got = {**driver.train(x, dy), **driver.state()}
+            for key in ("y", "dx", "dweight", "dbias", "running_mean", "running_var"):
+                assert_close(got[key], want[key], FLOAT32_TOL, f"shape {x.shape} {key}")
+            assert int(got["num_batches_tracked"]) == want["num_batches_tracked"], x.shape
+        assert driver.graphs_compiled == {"train": 1, "eval": 0}
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
 

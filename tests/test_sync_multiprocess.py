@@ -26,6 +26,7 @@ from tests import reference
 
 TWO_RANK_SCENARIOS = ["uneven_4d", "empty_rank", "large_mean", "float16", "bfloat16",
                       "affine_false_cma", "untracked", "rank2", "rank3", "rank5",
+                      "dynamic_shapes",  # graph mode; under jit in the PyNative job
                       "one_value"]  # last: a failure there cannot disturb the others
 JOBS = {
     "pynative_2ranks": dict(world=2, mode="pynative", scenarios=TWO_RANK_SCENARIOS),
@@ -173,6 +174,20 @@ def _check_eval(members, final, weight, bias, eps, track, tol, affine):
             for key in ("y", "dx") + (("dweight", "dbias") if affine else ()):
                 assert_close(arrays[f"eval_{key}{call}"], want[key], tol,
                              f"rank {meta['rank']} eval call {call} {key}")
+
+
+def check_one_graph_per_step_kind(ranks):
+    """Every rank trained and evaluated through one compiled graph each, whatever the shapes."""
+    for meta, _ in ranks:
+        assert meta["status"] == "ok", f"rank {meta['rank']}: {meta.get('traceback')}"
+        assert meta["graphs_compiled"] == {"train": 1, "eval": 1}, meta
+
+
+@pytest.mark.parametrize("job", ["pynative_2ranks", "graph_2ranks"])
+def test_dynamic_shape_steps_compile_one_graph(jobs, job):
+    """dynamic_shapes (checked against the reference above): one graph per kind of step for
+    steps of 4 shapes, with a different empty rank in two of them; PyNative runs it under jit."""
+    check_one_graph_per_step_kind(_load(jobs(job), "dynamic_shapes", JOBS[job]["world"]))
 
 
 @pytest.mark.parametrize("job", ["pynative_2ranks", "graph_2ranks"])

@@ -1,6 +1,16 @@
 """CPU kernel table: our C++ kernels (ops/cpu/syncbn_cpu.cc) through ``ops.Custom(func_type="aot")``.
 
 The library is built by ``setup.py`` into the package as ``_cpu_kernels.so``.
+
+Dynamic shapes: a graph compiled once for inputs with unknown dimensions
+(``Cell.set_inputs`` with ``None``) infers every kernel's output shape again at
+run time, in C++ on the backend's copy of the primitive. MindSpore 2.10 cannot
+call a Python ``out_shape`` there (the copy is not a ``PrimitivePy``), so each
+kernel's shape function is C++, ``<Kernel>InferShape`` next to the kernel in
+the library (``out_shape=None``), and each primitive carries registration info,
+without which MindSpore's Custom shape inference fails on its missing
+``reg_op_name`` attribute ("The pointer[value] is null"). Output dtypes stay
+Python (``out_dtype``): the run-time re-inference asks for shapes only.
 """
 import functools
 import glob
@@ -8,6 +18,7 @@ import os
 
 import mindspore as ms
 from mindspore import ops
+from mindspore.ops import CustomRegOp, DataType
 
 from ms_syncbn.kernels import BatchNormKernels
 from ms_syncbn.precision import Float32Cell
@@ -40,9 +51,25 @@ class _SharedCustom(ops.Custom):
         return self
 
 
-def _custom(symbol: str, out_shape, out_dtype):
-    return _SharedCustom(f"{cpu_library_path()}:{symbol}", out_shape=out_shape,
-                         out_dtype=out_dtype, func_type="aot")
+def _custom(symbol: str, inputs, out_dtype, outputs=("output",)) -> _SharedCustom:
+    """The AOT primitive of kernel `symbol` of the library, whose inputs are named `inputs`.
+
+    Its output shape is the library's ``<symbol>InferShape`` (C++, so also for dynamic shapes:
+    see the module docstring), its output dtype ``out_dtype(*input_dtypes)``. The registration
+    info names the kernel and accepts any dtype and format: the kernel checks its dtypes itself.
+    A kernel with several `outputs` (names) returns a tuple; its ``<symbol>InferShape`` then
+    returns ``std::vector<std::vector<int64_t>>``, one shape per output, and `out_dtype` a
+    tuple of dtypes (MindSpore's multi-output convention, keyed on the registered outputs).
+    """
+    info = CustomRegOp(symbol)
+    for index, name in enumerate(inputs):
+        info = info.input(index, name)
+    for index, name in enumerate(outputs):
+        info = info.output(index, name)
+    any_dtype = (DataType.None_None,) * (len(inputs) + len(outputs))
+    info = info.dtype_format(*any_dtype).target("CPU").get_op_info()
+    return _SharedCustom(f"{cpu_library_path()}:{symbol}", out_shape=None, out_dtype=out_dtype,
+                         func_type="aot", reg_info=info)
 
 
 # The adapters below are Float32Cells: amp's custom_mixed_precision sets its float16 flag on
@@ -57,7 +84,7 @@ class _Guard(Float32Cell):
     def __init__(self):
         super().__init__()
         # values (M,) f32, [code | text] (1+T,) f32 -> values
-        self.guard = _custom("Guard", lambda values, code: values, lambda values, code: values)
+        self.guard = _custom("Guard", ("values", "code"), lambda values, code: values)
 
     def construct(self, values, code, text):
         return self.guard(values, ops.cat((code, text)))
@@ -70,9 +97,11 @@ class _UpdateStats(Float32Cell):
         super().__init__()
         # mean, var, count, code, shift, running_mean, running_var, factor
         #   -> shift', running_mean', running_var' (C,), updated (1,) f32
-        self.update_stats = _custom("UpdateStats",
-                              lambda m, v, n, k, s, rm, rv, f: (m, m, m, n),
-                              lambda m, v, n, k, s, rm, rv, f: (ms.float32,) * 4)
+        self.update_stats = _custom(
+            "UpdateStats", ("mean", "var", "count", "code", "shift", "running_mean", "running_var",
+                            "factor"),
+            lambda m, v, n, k, s, rm, rv, f: (ms.float32,) * 4,
+            outputs=("shift", "running_mean", "running_var", "updated"))
 
     def construct(self, mean, var, count, code, shift, running_mean, running_var, factor):
         new_shift, new_mean, new_var, updated = self.update_stats(mean, var, count, code, shift,
@@ -87,8 +116,8 @@ class _BackwardReduce(Float32Cell):
     def __init__(self):
         super().__init__()
         # dy, x, mean -> (2C,) f32
-        self.backward_reduce = _custom("BackwardReduce", lambda dy, x, m: (2 * x[1],),
-                              lambda dy, x, m: ms.float32)
+        self.backward_reduce = _custom("BackwardReduce", ("dy", "x", "mean"),
+                                       lambda dy, x, m: ms.float32)
 
     def construct(self, dy, x, mean, invstd):
         sums = self.backward_reduce(dy, x, mean)
@@ -103,8 +132,9 @@ class _BackwardElemt(Float32Cell):
     def __init__(self):
         super().__init__()
         # dy, x, mean, invstd, weight, sums (2C,), count (1,) -> dx like x
-        self.backward_elemt = _custom("BackwardElemt", lambda dy, x, m, s, w, sums, n: x,
-                              lambda dy, x, m, s, w, sums, n: x)
+        self.backward_elemt = _custom("BackwardElemt",
+                                      ("dy", "x", "mean", "invstd", "weight", "sums", "count"),
+                                      lambda dy, x, m, s, w, sums, n: x)
 
     def construct(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
         return self.backward_elemt(dy, x, mean, invstd, weight, ops.cat((sum_dy, sum_dy_xmu)), count)
@@ -116,23 +146,24 @@ def cpu_kernels() -> BatchNormKernels:
     return BatchNormKernels(
         backend="CPU",
         # x (N, C, *), shift (C,) -> (3C+1,) f32
-        local_stats=_custom("LocalStats", lambda x, shift: (3 * x[1] + 1,),
-                            lambda x, shift: ms.float32),
+        local_stats=_custom("LocalStats", ("x", "shift"), lambda x, shift: ms.float32),
         # x, mean, invstd, weight, bias -> y like x
-        normalize=_custom("Normalize", lambda x, m, s, w, b: x, lambda x, m, s, w, b: x),
+        normalize=_custom("Normalize", ("x", "mean", "invstd", "weight", "bias"),
+                          lambda x, m, s, w, b: x),
         # dy, x, mean, invstd -> sum(dy), sum(dy*(x-mean)), grad_weight, grad_bias (C,) f32
         backward_reduce=_BackwardReduce(),
         # dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu (C,), count (1,) -> dx like x
         backward_elemt=_BackwardElemt(),
         # sums (3C+2,), params (6,) -> mean, invstd, var (C,), code, count, needs reshift (1,) f32
-        finalize_stats=_custom("FinalizeStats",
-                               lambda sums, p: (((sums[0] - 2) // 3,),) * 3 + ((1,),) * 3,
-                               lambda sums, p: (ms.float32,) * 6),
+        finalize_stats=_custom("FinalizeStats", ("sums", "params"),
+                               lambda sums, p: (ms.float32,) * 6,
+                               outputs=("mean", "invstd", "var", "code", "count", "reshift")),
         # mean, var, count, code, shift, running_mean, running_var, factor
         #   -> shift', running_mean', running_var' (C,) f32, increment () int64
         update_stats=_UpdateStats(),
         # values (M,) f32, code (1,) f32, text -> values, or a RuntimeError carrying the code
         guard=_Guard(),
         # mean, invstd (C,), count (1,), modulus (1,) -> (1,) f32
-        fingerprint=_custom("Fingerprint", lambda m, s, n, q: (1,), lambda m, s, n, q: ms.float32),
+        fingerprint=_custom("Fingerprint", ("mean", "invstd", "count", "modulus"),
+                            lambda m, s, n, q: ms.float32),
     )

@@ -7,6 +7,19 @@
 // on success (1 on an unsupported dtype or a malformed call). MindSpore hands
 // us dense row-major buffers.
 //
+// Output shapes. Next to every kernel is its shape function
+//   std::vector<int64_t> <Kernel>InferShape(int *ndims, int64_t **shapes, void *extra)
+// which MindSpore finds by name when the primitive is created with
+// out_shape=None (ms_syncbn/kernels/cpu.py), and calls at compile time and, in
+// a graph compiled for dynamic shapes, again at run time with each step's
+// input shapes. An unknown dimension is -1 and an unknown rank is the shape
+// {-2}; the functions pass them on (a per-channel length of unknown C is -1).
+// (A kernel with several outputs, FinalizeStats and UpdateStats, returns
+// std::vector<std::vector<int64_t>>, one shape per output, and is registered with
+// its outputs: kernels/cpu.py.)
+// MindSpore 2.10 cannot call a Python shape function at run time (its kernel
+// graph holds a plain Primitive, not the PrimitivePy), hence these.
+//
 // Layout: x is (N, C, *) and is viewed as (N, C, S) with S = prod(shape[2:])
 // (S = 1 for a 2-D input); a "plane" is the contiguous run x[n, c, :] of S
 // elements. Per-channel tensors are float32 of shape (C,). Element tensors
@@ -177,6 +190,39 @@ int run(Kernel kernel, const char *dtype, void **params, NCS view) {
 
 }  // namespace mssbn
 
+// ------------------------------------------------------- shape functions --
+namespace mssbn {
+
+typedef std::vector<int64_t> Shape;
+typedef std::vector<Shape> Shapes;  // one per output, for kernels with several
+
+// The shape of input i, as given (unknown dimensions and rank included).
+inline Shape input_shape(const int *ndims, int64_t *const *shapes, int i) {
+  return Shape(shapes[i], shapes[i] + ndims[i]);
+}
+
+// (scale * L + offset,) with L = shapes[i][dim]: a per-channel vector whose
+// length follows C; -1 while L is unknown (or input i's rank is).
+inline Shape per_channel(const int *ndims, int64_t *const *shapes, int i, int dim,
+                         int64_t scale, int64_t offset) {
+  const int64_t length = dim < ndims[i] ? shapes[i][dim] : -1;
+  return Shape{length < 0 ? -1 : scale * length + offset};
+}
+
+}  // namespace mssbn
+
+// <Kernel>InferShape(ndims, shapes, extra): see "Output shapes" at the top. The
+// third argument is MindSpore's AotExtra *, unused. (A C++ type returned from an
+// extern "C" function is MindSpore's convention; Clang would warn about it.)
+#if defined(__clang__)
+#pragma clang diagnostic ignored "-Wreturn-type-c-linkage"
+#endif
+#define MSSBN_INFER_SHAPE(kernel) \
+  extern "C" mssbn::Shape kernel##InferShape(int *ndims, int64_t **shapes, void *)
+// The same for a kernel with several outputs: one shape per output.
+#define MSSBN_INFER_SHAPES(kernel) \
+  extern "C" mssbn::Shapes kernel##InferShape(int *ndims, int64_t **shapes, void *)
+
 // ------------------------------------------------------ exported entries --
 // Name of the instruction set in use ("avx512", "avx2" or "baseline").
 extern "C" const char *MsSyncBnCpuIsa() { return mssbn::active_isa().name; }
@@ -187,12 +233,16 @@ extern "C" int LocalStats(int nparam, void **params, int *ndims, int64_t **shape
   if (nparam != 3 || ndims[0] < 2) return 1;
   return mssbn::run(mssbn::kLocalStats, dtypes[0], params, mssbn::ncs_of(ndims[0], shapes[0]));
 }
+// x (N, C, *), shift (C,) -> (3C+1,)
+MSSBN_INFER_SHAPE(LocalStats) { return mssbn::per_channel(ndims, shapes, 0, 1, 3, 1); }
 
 extern "C" int Normalize(int nparam, void **params, int *ndims, int64_t **shapes,
                          const char **dtypes, void *, void *) {
   if (nparam != 6 || ndims[0] < 2) return 1;
   return mssbn::run(mssbn::kNormalize, dtypes[0], params, mssbn::ncs_of(ndims[0], shapes[0]));
 }
+// x, mean, invstd, weight, bias -> y like x
+MSSBN_INFER_SHAPE(Normalize) { return mssbn::input_shape(ndims, shapes, 0); }
 
 extern "C" int BackwardReduce(int nparam, void **params, int *ndims, int64_t **shapes,
                               const char **dtypes, void *, void *) {
@@ -200,6 +250,8 @@ extern "C" int BackwardReduce(int nparam, void **params, int *ndims, int64_t **s
   if (std::strcmp(dtypes[0], dtypes[1]) != 0) return 1;
   return mssbn::run(mssbn::kBackwardReduce, dtypes[1], params, mssbn::ncs_of(ndims[1], shapes[1]));
 }
+// dy, x (N, C, *), mean -> (2C,)
+MSSBN_INFER_SHAPE(BackwardReduce) { return mssbn::per_channel(ndims, shapes, 1, 1, 2, 0); }
 
 extern "C" int BackwardElemt(int nparam, void **params, int *ndims, int64_t **shapes,
                              const char **dtypes, void *, void *) {
@@ -207,6 +259,8 @@ extern "C" int BackwardElemt(int nparam, void **params, int *ndims, int64_t **sh
   if (std::strcmp(dtypes[0], dtypes[1]) != 0) return 1;
   return mssbn::run(mssbn::kBackwardElemt, dtypes[1], params, mssbn::ncs_of(ndims[1], shapes[1]));
 }
+// dy, x, mean, invstd, weight, sums, count -> dx like x
+MSSBN_INFER_SHAPE(BackwardElemt) { return mssbn::input_shape(ndims, shapes, 1); }
 
 // True if the first `count` tensors of a call are all 1-D float32 (the
 // per-channel kernels below take nothing else).
@@ -271,6 +325,12 @@ extern "C" int FinalizeStats(int nparam, void **params, int *ndims, int64_t **sh
   *static_cast<float *>(params[7]) = reshift && !channels_differ ? 1.0f : 0.0f;
   return 0;
 }
+// sums (3C+2,), params (6,) -> (C,) x 3, (1,) x 3
+MSSBN_INFER_SHAPES(FinalizeStats) {
+  const int64_t length = ndims[0] >= 1 ? shapes[0][0] : -1;
+  const int64_t channels = length < 0 ? -1 : (length - 2) / 3;
+  return mssbn::Shapes{{channels}, {channels}, {channels}, {1}, {1}, {1}};
+}
 
 // UpdateStats: mean, var (C,), count (1,), code (1,), shift, running_mean,
 // running_var (C,), factor (1,), all float32
@@ -319,6 +379,11 @@ extern "C" int UpdateStats(int nparam, void **params, int *ndims, int64_t **shap
   *static_cast<float *>(params[11]) = updated ? 1.0f : 0.0f;
   return 0;
 }
+// mean (C,), ... -> (C,) x 3, (1,)
+MSSBN_INFER_SHAPES(UpdateStats) {
+  const mssbn::Shape channels = mssbn::per_channel(ndims, shapes, 0, 0, 1, 0);
+  return mssbn::Shapes{channels, channels, channels, {1}};
+}
 
 // Fingerprint: mean (C,), invstd (C,), count (1,), modulus (1,), all float32
 //   -> (1,) float32, an integer in [0, modulus).
@@ -362,6 +427,8 @@ extern "C" int Fingerprint(int nparam, void **params, int *ndims, int64_t **shap
   *static_cast<float *>(params[4]) = static_cast<float>(digest % modulus);
   return 0;
 }
+// mean, invstd, count, modulus -> (1,)
+MSSBN_INFER_SHAPE(Fingerprint) { return mssbn::Shape{1}; }
 
 // Guard: values (M,) float32, code (1+T,) float32 = [code | text] -> values (M,) float32.
 // The branch-free way for a compiled graph to stop on a condition every rank
@@ -410,6 +477,8 @@ extern "C" int Guard(int nparam, void **params, int *ndims, int64_t **shapes,
   std::fflush(stderr);
   throw std::runtime_error(message);
 }
+// values (M,), code (1+T,) -> values
+MSSBN_INFER_SHAPE(Guard) { return mssbn::input_shape(ndims, shapes, 0); }
 
 #else  // MSSBN_ISA
 // ======================== part 2: the kernels, for one instruction set ===

@@ -54,28 +54,70 @@ class OutputDotUpstream(nn.Cell):
         return (y * dy).astype(ms.float32).sum(), ops.stop_gradient(y)
 
 
+class GradStep(nn.Cell):
+    """(x, dy) -> ((loss, y), grads): ``value_and_grad`` of `net` as a Cell, so that a graph of
+    the whole step can be compiled for dynamic shapes (``Cell.set_inputs``)."""
+
+    def __init__(self, net, weights):
+        super().__init__()
+        self.net = net  # a sub-cell: set_train reaches the layer
+        self.grad = ms.value_and_grad(net, grad_position=0, weights=weights, has_aux=True)
+
+    def construct(self, x, dy):
+        return self.grad(x, dy)
+
+
+def _graphs_compiled(step):
+    """Graphs MindSpore has compiled so far: those of `step` (a Cell run in graph mode) plus
+    every ``mindspore.jit`` phase of the process (MindSpore's phase caches; the one
+    observable of a recompilation)."""
+    from mindspore.graph import api
+    return len(getattr(step, "compile_cache", ())) + len(api.ms_compile_cache)
+
+
 class LayerDriver:
     """Training and evaluation steps of one layer; each step returns y, dx, dweight, dbias (NumPy).
 
     Training and evaluation use separate wrapper Cells (and so separate compiled graphs in
     graph mode); each switches the layer's mode right before it runs. ``jit=True`` compiles
     each whole step (forward and gradient) with ``mindspore.jit``, as a PyNative user would.
+    ``dynamic_rank=R`` (graph mode or ``jit``) compiles each step once for inputs of rank R
+    whose dimensions but C are unknown (``Cell.set_inputs``, ``dynamic_dtype``); then
+    ``graphs_compiled`` counts the compilations each step caused (1 each if no step's shape
+    made MindSpore compile again).
     """
 
-    def __init__(self, layer, jit=False):
+    def __init__(self, layer, jit=False, dynamic_rank=None, dynamic_dtype="float32"):
         self.layer = layer
         weights = [layer.weight, layer.bias] if layer.affine else None
         self.train_net = OutputDotUpstream(layer)
         self.eval_net = OutputDotUpstream(layer)
         compile_step = ms.jit if jit else (lambda step: step)
-        self.train_grad = compile_step(ms.value_and_grad(self.train_net, grad_position=0,
-                                                         weights=weights, has_aux=True))
-        self.eval_grad = compile_step(ms.value_and_grad(self.eval_net, grad_position=0,
-                                                        weights=weights, has_aux=True))
+        self.graphs_compiled = None
+        self._dynamic_steps = {}  # net -> its GradStep compiled for dynamic shapes
+        if dynamic_rank is None:
+            self.train_grad = compile_step(ms.value_and_grad(self.train_net, grad_position=0,
+                                                             weights=weights, has_aux=True))
+            self.eval_grad = compile_step(ms.value_and_grad(self.eval_net, grad_position=0,
+                                                            weights=weights, has_aux=True))
+            return
+        unknown = ms.Tensor(shape=[None, layer.num_features] + [None] * (dynamic_rank - 2),
+                            dtype=_MS_DTYPES[dynamic_dtype])
+        for net in (self.train_net, self.eval_net):
+            self._dynamic_steps[net] = GradStep(net, weights)
+            self._dynamic_steps[net].set_inputs(unknown, unknown)
+        self.train_grad = compile_step(self._dynamic_steps[self.train_net])
+        self.eval_grad = compile_step(self._dynamic_steps[self.eval_net])
+        self.graphs_compiled = {"train": 0, "eval": 0}
 
     def _step(self, net, grad_fn, x, dy, dtype_name):
-        net.set_train(net is self.train_net)
+        step = self._dynamic_steps.get(net)
+        (net if step is None else step).set_train(net is self.train_net)
+        before = _graphs_compiled(step) if step is not None else 0
         (_, y), grads = grad_fn(to_tensor(x, dtype_name), to_tensor(dy, dtype_name))
+        if step is not None:
+            kind = "train" if net is self.train_net else "eval"
+            self.graphs_compiled[kind] += _graphs_compiled(step) - before
         if self.layer.affine:
             dx, (dweight, dbias) = grads
         else:

@@ -45,6 +45,9 @@ EPS = 1e-5
 # group_size: the groups of create_syncbn_process_group(group_size), per-group values keyed
 # "<first rank>-<last rank>". build="convert": the layer is an nn.BatchNorm2d with the
 # layer's momentum converted by convert_sync_batchnorm(..., process_group=group).
+# dynamic=True: the steps run in graphs compiled once for dynamic shapes (LayerDriver's
+# dynamic_rank; under mindspore.jit in a PyNative job), each training step with its own
+# trailing shape from "tails" ("tail" is the evaluation's).
 SCENARIOS = {
     "uneven_4d": dict(sizes=[[3, 5]] * 3, tail=(4, 3, 3), eval_sizes=[2, 4]),
     "empty_rank": dict(sizes=[[0, 6], [4, 0], [0, 5]], tail=(3, 5), eval_sizes=[0, 3]),
@@ -78,6 +81,14 @@ SCENARIOS = {
     "subgroups": dict(groups={"0-1": [0, 1], "2-3": [2, 3]}, tail=(3, 2, 3), eval_sizes=[2, 1],
                       sizes={"0-1": [[3, 5], [2, 2], [4, 1]], "2-3": [[1, 6], [0, 3], [5, 5]]},
                       mean={"0-1": 0.0, "2-3": 50.0}, std=2.0, layer=dict(momentum=0.5)),
+    # one graph compiled for dynamic shapes (graph mode; jit in a PyNative job) trains on steps
+    # whose N per rank (one rank empty) and trailing dimensions all change: "tails" per step
+    "dynamic_shapes": dict(sizes=[[4, 2], [0, 5], [3, 3], [6, 0]], dynamic=True,
+                           tails=[(3, 5, 4), (3, 2, 7), (3, 6, 3), (3, 1, 5)], tail=(3, 4, 2),
+                           eval_sizes=[2, 0]),
+    "world4_dynamic_shapes": dict(sizes=[[2, 0, 3, 1], [0, 4, 1, 2], [3, 2, 0, 0]], dynamic=True,
+                                  tails=[(3, 5, 4), (3, 2, 7), (3, 6, 3)], tail=(3, 4, 2),
+                                  eval_sizes=[1, 0, 2, 1]),
     # constructor errors that need init(): a group that was never created, and the group of
     # the other half of the world (run after "subgroups", which created each rank's own half)
     "group_errors": dict(kind="group_errors",
@@ -153,13 +164,17 @@ def run_scenario(name, spec, rank, created_groups):
         set_parameters(layer, weight, rng.uniform(-1.0, 1.0, channels))
         arrays["weight"] = layer.weight.asnumpy()
         arrays["bias"] = layer.bias.asnumpy()
-    driver = LayerDriver(layer)
+    if spec.get("dynamic"):
+        driver = LayerDriver(layer, jit=ms.get_context("mode") == ms.PYNATIVE_MODE,
+                             dynamic_rank=len(spec["tail"]) + 1, dynamic_dtype=dtype)
+    else:
+        driver = LayerDriver(layer)
     mean = _per_group(spec.get("mean"), key)
     steps = _per_group(spec["sizes"], key)
     meta["steps"] = len(steps)
     try:
         for step, sizes in enumerate(steps):
-            shape = (sum(sizes),) + spec["tail"]
+            shape = (sum(sizes),) + (spec["tails"][step] if "tails" in spec else spec["tail"])
             if mean is None:  # a new spread of channel means each step: the shift must follow
                 full = random_batch(rng, shape, mean_scale=3.0 * (step + 1))
             else:  # channel means within 1 of mean (+ step), spreads in [std/2, std]
@@ -187,6 +202,7 @@ def run_scenario(name, spec, rank, created_groups):
                 if value is not None:
                     arrays[f"eval_{key}{call}"] = value
         meta["status"] = "ok"
+        meta["graphs_compiled"] = driver.graphs_compiled
     except Exception as err:  # recorded for the test to judge; the next scenario still runs
         meta.update(status="error", error_type=type(err).__name__, message=str(err),
                     traceback=traceback.format_exc())
