@@ -2,9 +2,10 @@
 
     python launch/ascend_scenarios.py [--out DIR] [--timeout S]
 
-Three msrun jobs on this node's NPUs, with the layer's own (Ascend) kernel table:
+Four msrun jobs on this node's NPUs, with the layer's own (Ascend) kernel table:
 2 ranks in PyNative, 2 ranks in graph mode, 4 ranks in graph mode (with subgroups), the
-scenarios of tests/test_ascend_emulated.py. Each scenario's results are checked against
+scenarios of tests/test_ascend_emulated.py, and 2 ranks in graph mode with the backward
+switch MS_SYNCBN_ASCEND_BACKWARD_REDUCE=uncentred. Each scenario's results are checked against
 the float64 reference on the concatenated batch exactly as the tests check the CPU and
 emulated runs (the one-value scenario: the guard stops that step without raising, its
 outputs are NaN, the state is unchanged and every rank keeps guard code 3, named); one line
@@ -14,6 +15,7 @@ it says so and exits 2.
 """
 import argparse
 import glob
+import os
 import shutil
 import sys
 import tempfile
@@ -23,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ms_syncbn.kernels.ascend import BACKWARD_REDUCE_ENV  # noqa: E402
+
 JOBS = {  # name: (ranks, mode, scenarios); the emulated tier's scenarios
     "pynative_2ranks": (2, "pynative", ["uneven_4d", "empty_rank", "all_empty", "large_mean",
                                         "float16", "bfloat16", "float64", "affine_false_cma",
@@ -31,7 +35,13 @@ JOBS = {  # name: (ranks, mode, scenarios); the emulated tier's scenarios
                                   "bfloat16", "float64", "rank3"]),
     "graph_4ranks": (4, "graph", ["world4_uneven", "world4_all_empty", "world4_large_mean",
                                   "world4_bfloat16", "world4_float64", "subgroups"]),
+    # The backward switch (README, "How dtypes are routed on Ascend"): BatchNormReduceGrad
+    # called as mint calls it. Not at a large mean, where that call cancels by design.
+    "graph_2ranks_uncentred": (2, "graph", ["uneven_4d", "empty_rank", "all_empty", "float16",
+                                            "bfloat16", "float64", "rank3"]),
 }
+# Environment of a job, on top of this process's.
+JOB_ENV = {"graph_2ranks_uncentred": {BACKWARD_REDUCE_ENV: "uncentred"}}
 
 
 def ascend_available():
@@ -49,6 +59,18 @@ def ascend_available():
     return True, ""
 
 
+def scenario_judges():
+    """What runs and judges the jobs: the tests' msrun harness and their checks against the
+    float64 reference (imported only when an NPU is there: the tests' modules import
+    MindSpore's CPU-side helpers)."""
+    from tests.harness import ScenarioJobOutcome, run_msrun
+    from tests.test_ascend_emulated import LARGE_MEAN_VAR_TOL, STATS_TOL, check_one_value_stopped
+    from tests.test_sync_multiprocess import _check_group, _groups, _load
+
+    return (run_msrun, ScenarioJobOutcome, LARGE_MEAN_VAR_TOL, STATS_TOL, check_one_value_stopped,
+            _check_group, _groups, _load)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="results directory (default: a temporary one)")
@@ -58,10 +80,8 @@ def main():
     if not ok:
         print(f"ascend_scenarios: cannot run: {why}. Nothing was tested.", file=sys.stderr)
         return 2
-    from tests.harness import run_msrun
-    from tests.test_ascend_emulated import LARGE_MEAN_VAR_TOL, STATS_TOL, check_one_value_stopped
-    from tests.test_sync_multiprocess import JobOutcome, _check_group, _groups, _load
-
+    (run_msrun, JobOutcome, LARGE_MEAN_VAR_TOL, STATS_TOL, check_one_value_stopped,
+     _check_group, _groups, _load) = scenario_judges()
     out = Path(args.out or tempfile.mkdtemp(prefix="ascend_scenarios_"))
     failures = 0
     for job, (world, mode, scenarios) in JOBS.items():
@@ -69,7 +89,8 @@ def main():
         job_dir.mkdir(parents=True, exist_ok=True)
         try:
             result = run_msrun("sync_scenarios.py", world, job_dir, "--mode", mode,
-                               "--device", "Ascend", *scenarios, timeout=args.timeout)
+                               "--device", "Ascend", *scenarios, timeout=args.timeout,
+                               env=dict(os.environ, **JOB_ENV.get(job, {})))
             outcome = JobOutcome(result, "", result.out_dir)
             print(f"{job}: msrun exit {result.returncode}, {result.elapsed:.0f} s, logs in "
                   f"{result.log_dir}", flush=True)
