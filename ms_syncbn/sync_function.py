@@ -193,7 +193,9 @@ class SyncBatchNormFunction(Float32Cell):
         """
         channels = x.shape[1]
         # (1,) n_i: a constant of the compiled graph for a static shape
-        n = ops.scalar_to_tensor(float(x.size // channels), ms.float32).reshape((1,))
+        # (No float(): on an int unknown until run time, a graph compiled for dynamic shapes
+        # makes it a ScalarCast, which MindSpore 2.10 announces as deprecated on the console.)
+        n = ops.scalar_to_tensor(x.size // channels, ms.float32).reshape((1,))
         local_mean, local_var = self.local_moments(x)  # (C,), (C,)
         # (C,), (1,), (1,) -> (C+2,) [n_i m_i | n_i | C]: the last slot sums to group_size * C
         # when every rank's layer has C channels (as in the shifted-sums payload).

@@ -128,7 +128,7 @@ class _LocalStats(nn.Cell):
             sums = ops.depend(ops.zeros((3 * channels + 1,), ms.float32), shift)
         else:
             mean, var = self.mean_var(x)
-            n = ops.scalar_to_tensor(float(count), ms.float32)
+            n = ops.scalar_to_tensor(count, ms.float32)
             d = mean - shift
             sums = ops.cat((n * d, n * (var + d * d), n * shift, n.reshape((1,))))
         return sums

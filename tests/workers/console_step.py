@@ -6,7 +6,7 @@ after SyncBatchNorm.convert_sync_batchnorm), and, with --emulate-ascend, "conver
 (the emulated Ascend table): a line MindSpore prints once per process shows in "plain", so a
 line that shows only in a converted phase is one the layer caused. Every phase runs the same
 recipes: TrainOneStepCell steps and evaluation, Model.train at amp O2 (with its fixed loss
-scale, as on CPU it must be) and predict. The converted phases also run layers with
+scale, as on CPU it must be) and predict, and a step compiled once for dynamic shapes. The converted phases also run layers with
 momentum=None, track_running_stats switched off, and one built without running statistics.
 
 Run alone (the layers are local) or under msrun (init() and DATA_PARALLEL: the layers synchronize).
@@ -68,6 +68,30 @@ def train_steps(net, rng):
     net(ms.Tensor(rng.normal(size=(4, 3, 8, 8)).astype(np.float32))).asnumpy()
 
 
+class PooledLoss(nn.Cell):
+    """Cross-entropy of the channels' spatial means (8 classes): any image size."""
+
+    def __init__(self):
+        super().__init__()
+        self.loss = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+
+    def construct(self, y, label):
+        return self.loss(y.mean(axis=(2, 3)), label)
+
+
+def dynamic_shape_steps(net, rng):
+    """A step compiled once for any batch and image size (multi-scale training), two sizes."""
+    opt = nn.Momentum(net.trainable_params(), 0.01, 0.9)
+    step = nn.TrainOneStepCell(nn.WithLossCell(nn.SequentialCell([net.conv, net.bn, net.relu]),
+                                               PooledLoss()), opt)
+    step.set_train()
+    step.set_inputs(ms.Tensor(shape=[None, 3, None, None], dtype=ms.float32),
+                    ms.Tensor(shape=[None], dtype=ms.int32))
+    for batch, size in ((4, 8), (3, 10)):
+        x = ms.Tensor(rng.normal(size=(batch, 3, size, size)).astype(np.float32))
+        step(x, ms.Tensor(rng.integers(0, 8, size=batch).astype(np.int32))).asnumpy()
+
+
 def model_train_o2(net, rng):
     data = ds.NumpySlicesDataset({"x": rng.normal(size=(8, 3, 8, 8)).astype(np.float32),
                                   "y": rng.integers(0, 10, size=8).astype(np.int32)},
@@ -99,6 +123,7 @@ def run_phase(phase, converted):
     rng = np.random.default_rng(0)
     train_steps(build(converted), rng)
     model_train_o2(build(converted), rng)
+    dynamic_shape_steps(build(converted), rng)
     if converted:
         for configure in (cumulative, untracked, no_running_stats):
             train_steps(build(converted, configure), rng)
