@@ -61,6 +61,7 @@ def main():
 
     import ms_syncbn.batchnorm as batchnorm_module
     from ms_syncbn import SyncBatchNorm
+    from ms_syncbn._bench_graphs import LayerForward as Forward
     from ms_syncbn._bench_graphs import LayerTrainStep as TrainStep
     from ms_syncbn._bench_graphs import step_counts
     from ms_syncbn.kernels.cpu import cpu_kernels
@@ -76,14 +77,6 @@ def main():
     class Identity(nn.Cell):
         def construct(self, x):
             return x
-
-    class Forward(nn.Cell):
-        def __init__(self, layer):
-            super().__init__()
-            self.layer = layer
-
-        def construct(self, x):
-            return self.layer(x)
 
     class ChainedKernels(nn.Cell):
         """The four kernels of a step, fed with fixed per-channel tensors."""
