@@ -404,8 +404,8 @@ class SyncBatchNorm(Float32Cell):
         # MindSpore 2.10 drops with a console warning ("Some side effect nodes were
         # eliminated by mistake", auto_monad.cc) in every step that compiles this body.
         outputs = self.group_stats(x, weight, bias, self.stat_shift, eps)
-        y, mean, var, count, code = outputs[0], outputs[1], outputs[3], outputs[4], outputs[5]
-        self._update_state(mean, var, count, code, momentum, cumulative, tracked)
+        y, mean, var, code, increment = outputs[0], outputs[1], outputs[3], outputs[5], outputs[6]
+        self._update_state(mean, var, code, increment, momentum, cumulative, tracked)
         return y
 
     def _eval_body(self, x, eps):
@@ -415,20 +415,23 @@ class SyncBatchNorm(Float32Cell):
             invstd = ops.rsqrt(self.running_var.astype(ms.float32) + eps)
             return self.frozen_stats(x, mean, invstd, weight, bias)
         # Evaluation without running statistics: the local batch, no communication.
-        y, _, _, _, _, _ = self.local_batch_stats(x, weight, bias, self.stat_shift, eps)
-        return y
+        return self.local_batch_stats(x, weight, bias, self.stat_shift, eps)[0]
 
-    def _update_state(self, mean, var, count, code, momentum, cumulative, tracked):
+    def _update_state(self, mean, var, code, increment, momentum, cumulative, tracked):
         """Shift and running statistics from the group statistics of one training step.
 
-        Nothing changes unless the guard `code` (1,) is 0; a code other than 0 is kept in
+        `var` is the group's unbiased variance, non-finite on every channel of a step that must
+        not change the state (stopped by a guard code, or fewer than 2 values per channel in
+        the group) and on a channel whose batch holds NaN or Inf: such a channel keeps its
+        value, so NaN or Inf in a batch shows in that step's output and loss but never reaches
+        the state that later steps and evaluation use. A code other than 0 is kept in
         ``guard_code`` (the largest so far), where ms_syncbn.guard_check finds it when the
-        table's guard stopped the step without raising. A channel is updated only if the group
-        batch is non-empty and its mean and variance are finite: NaN or Inf in a batch
-        shows in that step's output and loss, but never reaches the state that later
-        steps and evaluation use. (One ``update_stats`` kernel: the arithmetic is stated
-        there.)
+        table's guard stopped the step without raising; `increment` (1 or 0) is added to
+        num_batches_tracked. (One ``update_stats`` kernel: the arithmetic is stated there.)
         """
+        code, mean, var = ops.stop_gradient(code), ops.stop_gradient(mean), ops.stop_gradient(var)
+        if self.group_stats.synchronized:  # static: without a group the code is always 0
+            ops.assign(self.guard_code, ops.maximum(self.guard_code, code))
         if tracked:
             running_mean, running_var = self.running_mean, self.running_var
             if self.param_dtype != ms.float32:
@@ -440,15 +443,12 @@ class SyncBatchNorm(Float32Cell):
                 factor = momentum
         else:  # only the shift is kept
             running_mean, running_var, factor = self.stat_shift, self.stat_shift, momentum
-        code = ops.stop_gradient(code)
-        if self.group_stats.synchronized:  # static: without a group the code is always 0
-            ops.assign(self.guard_code, ops.maximum(self.guard_code, code))
-        new_shift, new_mean, new_var, increment = self.update_stats(
-            ops.stop_gradient(mean), ops.stop_gradient(var), ops.stop_gradient(count), code,
-            self.stat_shift, running_mean, running_var, factor)
+        new_shift, new_mean, new_var = self.update_stats(mean, var, self.stat_shift, running_mean,
+                                                         running_var, factor)
         if not self.group_stats.two_pass:  # static: the moments protocol never reads the shift
             ops.assign(self.stat_shift, new_shift)
         if tracked:
             ops.assign(self.running_mean, new_mean.astype(self.param_dtype))
             ops.assign(self.running_var, new_var.astype(self.param_dtype))
-            ops.assign_add(self.num_batches_tracked, increment)
+            # (1,) float32 -> (1,) int64, added to the () counter
+            ops.assign_add(self.num_batches_tracked, ops.stop_gradient(increment).astype(ms.int64))

@@ -30,10 +30,15 @@ Tables whose statistics kernel centres on the local mean (Ascend's
 BatchNormStats) give ``local_moments`` instead, and the forward takes two
 small all-reduces and no branch:
 
-    first   [ n_i * m_i (C) | n_i (1) | C (1) ]       (C+2,)   -> N, m = sum(n_i m_i) / N
-    second  [ n_i * (v_i + (m_i - m)^2) (C) ]         (C,)     -> var = sum / N
+    first   [ n_i * m_i (C) | n_i | n_i - 1/W | n_i | n_i | C ]   (C+5,)
+            -> N, N - 1, the checks, m = sum(n_i m_i) / N
+    second  [ n_i * (v_i + q (m_i - m)^2) (C) ]                   (C,)
+            -> M2, var = M2 / N, unbiased var = M2 / (N - 1)
 
-with m_i and v_i the rank's own mean and biased variance.
+with m_i and v_i the rank's own mean and biased variance, W the group size and q = 1,
+or q = -inf when the step must stop (the checks: the ranks disagree on num_features, the
+group holds one value per channel, or none): M2, and so the variance, invstd, y and every
+statistic the state reads, are then non-finite, with no guard kernel and no branch.
 Nothing there cancels, whatever the mean's magnitude, so there is no re-centring
 pass, and no data-dependent branch: on Ascend a branch needs its condition on the
 host, a device-to-host round trip per layer and step.
@@ -41,10 +46,10 @@ host, a device-to-host round trip per layer and step.
 The backward sends [ sum(dy) (C) | sum(dy*(x-mean)) (C) | fingerprint (1) ]
 (2C+1,). The fingerprint identifies this application of this layer in this step
 the same way on every rank, with no numbering: a small integer hashed from the
-step's group statistics (mean, invstd, count), which every rank of the group holds
-bit for bit. A last slot other than group_size * fingerprint means the backward
-collectives of two layer applications were paired with each other, and stops the
-step (guard kernel).
+step's group invstd, which every rank of the group holds bit for bit. A last
+slot other than group_size * fingerprint means the backward collectives of two
+layer applications were paired with each other, and stops the step
+(``check_pairing`` kernel).
 """
 import mindspore as ms
 from mindspore import Tensor, ops
@@ -84,17 +89,27 @@ class SyncBatchNormFunction(Float32Cell):
           input, not a constant: the layer's eps may change between calls).
 
     Outputs:
-        Tuple of 6 tensors: y (like x), mean (C,), invstd (C,), biased var (C,), count (1,),
-        statistics over the whole group, and code (1,) float32, all identical on every rank;
-        only y carries a gradient. code is the guard code that stops the step (0: none;
-        GUARD_CHANNELS_DIFFER: the ranks' layers disagree on num_features, and nothing else
-        is meaningful then; GUARD_SINGLE_VALUE: the group's batch holds one value per
-        channel). Such a step is stopped by the table's guard kernel, without a branch on a
-        tensor (a branch costs about a millisecond per layer and step in a CPU graph, and a
-        device-to-host round trip on Ascend): the CPU guard raises a RuntimeError carrying
-        the code; the Ascend guard makes invstd, and so y and the gradients, NaN, and the
-        caller keeps the code for a later, named error (ms_syncbn.guard_check). The caller
-        must not update any state unless code is 0.
+        Tuple of 7 tensors, all identical on every rank; only y carries a gradient:
+
+        - **y** (Tensor) - like x.
+        - **mean**, **invstd** (Tensor) - (C,) float32, the group's batch statistics.
+        - **var** (Tensor) - (C,) float32, the group's unbiased variance (what the running
+          variance takes), non-finite on every channel of a step that must not change the
+          layer's state (stopped, or fewer than 2 values per channel in the group) and on a
+          channel whose mean is not finite.
+        - **count** (Tensor) - (1,) float32, N, the group's number of values per channel.
+        - **code** (Tensor) - (1,) float32, the guard code that stops the step: 0 (none),
+          GUARD_CHANNELS_DIFFER (the ranks' layers disagree on num_features; nothing else is
+          meaningful then) or GUARD_SINGLE_VALUE (the group's batch holds one value per channel).
+        - **increment** (Tensor) - (1,) float32, 1 if the step counts for num_batches_tracked
+          (code 0 and a non-empty group batch), else 0.
+
+        A step with a code is stopped without a branch on a tensor (a branch costs about a
+        millisecond per layer and step in a CPU graph, and a device-to-host round trip on
+        Ascend): the shifted-sums protocol routes invstd through the table's guard (the CPU
+        guard raises a RuntimeError carrying the code); the moments protocol makes its
+        variance, and so invstd, y and the gradients, non-finite, and the caller keeps the code
+        for a later, named error (ms_syncbn.guard_check).
     """
 
     def __init__(self, kernels, all_reduce=None, group_size=1):
@@ -103,7 +118,7 @@ class SyncBatchNormFunction(Float32Cell):
         # module docstring) to catch collectives of two layers paired with each other
         # (a compiled step orders them only while they share a kernel graph: README, Known
         # issues; control flow around a layer can separate them).
-        self.check_pairing = all_reduce is not None
+        self.checks_pairing = all_reduce is not None
         self.fingerprint_modulus = Tensor(
             [float(min(FINGERPRINT_MODULUS, (2 ** 24 - 1) // max(group_size, 1)))], ms.float32)
         self.guard_text = Tensor(guard_text("(unnamed)"))
@@ -117,19 +132,35 @@ class SyncBatchNormFunction(Float32Cell):
         # shifted sums with their rare re-centring pass (see the module docstring).
         self.two_pass = kernels.local_moments is not None
         self.guard = kernels.guard
+        self.check_pairing = kernels.check_pairing
         # The primitive, not ops.split: a Python function with a branch run both in construct and
         # in bprop does not compile in MindSpore 2.10 (kernels/ascend.py).
         self.split = SplitWithSize()
         self.fingerprint = kernels.fingerprint
         # finalize_stats' parameters but eps: [group size] and [re-centring ratio | tolerance]
         self.group_size_value = Tensor([float(group_size)], ms.float32)
-        # (1,) guard codes of the moments protocol, chosen by Select
         self.no_code = Tensor([0.0], ms.float32)
-        self.channels_differ_code = Tensor([GUARD_CHANNELS_DIFFER], ms.float32)
-        self.single_value_code = Tensor([GUARD_SINGLE_VALUE], ms.float32)
         self.mispaired_code = Tensor([GUARD_MISPAIRED], ms.float32)
         self.reshift_params = Tensor([RESHIFT_RATIO, RESHIFT_MEAN_TOLERANCE, GUARD_CHANNELS_DIFFER,
                                       GUARD_SINGLE_VALUE], ms.float32)
+        # The moments protocol's verdict (see _group_moments_stats): per check [N == 1 | N == 0 |
+        # channel slot == C * W], what each outcome contributes to the rows [q | -code | increment];
+        # each row's minimum is its value. (3, 3) float32 each.
+        inf = float("inf")
+        self.verdict_if_equal = Tensor([[-inf, -inf, 1.0],
+                                        [-GUARD_SINGLE_VALUE, 0.0, 0.0],
+                                        [0.0, 0.0, 1.0]], ms.float32)
+        self.verdict_if_unequal = Tensor([[1.0, 1.0, -inf],
+                                          [0.0, 0.0, -GUARD_CHANNELS_DIFFER],
+                                          [1.0, 1.0, 0.0]], ms.float32)
+        # The N - 1 slot: each rank sends n_i - 1/W, so the slots sum to N - 1 (exactly when W is
+        # a power of two; otherwise within a few float32 roundings of n_i, which moves the
+        # unbiased variance by ~W * 2^-24 relative, below its float32 rounding at any real N).
+        self.one_over_group = 1.0 / max(group_size, 1)
+        self.count_checks = Tensor([1.0, 0.0], ms.float32)  # N == 1, N == 0
+        self.row_minimum = ops.ReduceMin()
+        # The primitive: ops.addcmul wraps `value` in Tensor(), which a graph cannot type.
+        self.addcmul = ops.Addcmul()
         self.all_reduce = all_reduce
         self.group_size = group_size
         self.synchronized = all_reduce is not None
@@ -140,29 +171,31 @@ class SyncBatchNormFunction(Float32Cell):
         return local_sums
 
     def _group_stats(self, x, shift, finalize_params):
-        """x (N, C, *), shift (C,), finalize_params (6,) -> mean, invstd, var (C,), code, count,
-        needs reshift (1,): the group's statistics (finalize_stats), identical on every rank."""
+        """x (N, C, *), shift (C,), finalize_params (6,) -> mean, invstd, unbiased var (C,), code,
+        count, needs reshift, increment (1,): the group's statistics (finalize_stats), identical
+        on every rank."""
         channels = x.shape[1]
         # (3C+1,) local sums, and one more slot carrying C: ranks whose layers disagree on
         # num_features send buffers of different lengths, which the all-reduce does not
         # detect by itself.
         sums = ops.cat((self.local_stats(x, shift), ops.fill(ms.float32, (1,), float(channels))))
-        return self.finalize_stats(self._group_sum(sums), finalize_params)  # (3C+2,) -> 6 tensors
+        return self.finalize_stats(self._group_sum(sums), finalize_params)  # (3C+2,) -> 7 tensors
 
     def construct(self, x, weight, bias, shift, eps):
-        channels = x.shape[1]
         if self.two_pass:  # a static choice of the kernel table: no branch in the graph
-            mean, invstd, var, count, code = self._group_moments_stats(x, eps)
+            mean, invstd, var, count, code, increment = self._group_moments_stats(x, eps)
         else:
             # (1,), (1,), (4,) -> (6,) [group size | eps | re-centring ratio | tolerance | the
             # codes of "channels differ" and "single value"]
             finalize_params = ops.cat((self.group_size_value, eps, self.reshift_params))
-            mean, invstd, var, code, count, reshift = self._group_stats(x, shift, finalize_params)
+            mean, invstd, var, code, count, reshift, increment = self._group_stats(
+                x, shift, finalize_params)
             # The one branch on a tensor: hidden from autodiff by bprop, and rare to be taken.
             # Never with mismatched layers (finalize_stats says no): their sums are garbage, and a
             # second collective could wait forever for the rank whose all-reduce already failed.
             if reshift > 0.5:
-                mean, invstd, var, code, count, reshift = self._group_stats(x, mean, finalize_params)
+                mean, invstd, var, code, count, reshift, increment = self._group_stats(
+                    x, mean, finalize_params)
             if self.synchronized:
                 # Errors only the group's sums reveal (finalize_stats' code). No branch: invstd
                 # goes through the table's guard, which passes it on or stops the step (CPU:
@@ -171,53 +204,73 @@ class SyncBatchNormFunction(Float32Cell):
             else:  # one value per channel is caught from the shape before any kernel runs
                 code = self.no_code
         y = self.normalize(x, mean, invstd, weight, bias)
-        return y, mean, invstd, var, count, code
+        return y, mean, invstd, var, count, code, increment
 
     def _group_moments_stats(self, x, eps):
-        """x (N, C, *), eps (1,) -> mean, invstd, var (C,), count (1,), code (1,): the group's
-        statistics from the ranks' moments, in two all-reduces and without a branch (tables
-        with ``local_moments``); identical on every rank. A code other than 0 has gone through
-        the guard: var and invstd are NaN then (Ascend), or the step raised (CPU).
+        """x (N, C, *), eps (1,) -> mean, invstd, unbiased var (C,), count, code, increment (1,):
+        the group's statistics from the ranks' moments, in two all-reduces and without a branch
+        (tables with ``local_moments``); identical on every rank.
 
         Rank i has n_i values per channel with mean m_i and biased variance v_i. With
         N = sum(n_i) and m = sum(n_i m_i) / N, the group's sum of squared deviations is
 
-            sum over ranks of  n_i (v_i + (m_i - m)^2)
+            M2 = sum over ranks of  n_i (v_i + (m_i - m)^2)
 
         Every term is computed around a mean that is already close to the data (m_i locally, m
         after the first all-reduce), so nothing cancels: the variance is as precise as the
         ranks' own moments whatever the mean's magnitude, on every step, without the shifted
-        sums' re-centring pass and the graph branch that decides it. n_i is static (the
-        shape's), so the count costs no kernel; the per-channel arithmetic is done on whole
-        vectors, split once (about 20 kernels up to invstd).
+        sums' re-centring pass and the graph branch that decides it.
+
+        Written for few kernels (each is a launch on Ascend: 19 up to y, 13 for the state, see
+        tests/test_layer_step_counts.py): n_i is static (the shape's), so every slot of the first
+        payload but the n_i m_i is a constant of the graph; the checks are one Equal of three
+        slots and one Select of a (3, 3) verdict table whose row minima are q, -code and the
+        increment; a stopped step is poisoned through q (M2 = -inf or NaN), which also keeps
+        the state: the unbiased variance is then non-finite on every channel.
         """
         channels = x.shape[1]
-        # (1,) n_i: a constant of the compiled graph for a static shape
+        count = x.size // channels  # n_i: a constant of the compiled graph for a static shape
+        local_mean, local_var = self.local_moments(x)  # (C,), (C,)
+        if not self.synchronized:
+            return self._local_moments_stats(local_mean, local_var, count, eps)
         # (No float(): on an int unknown until run time, a graph compiled for dynamic shapes
         # makes it a ScalarCast, which MindSpore 2.10 announces as deprecated on the console.)
-        n = ops.scalar_to_tensor(x.size // channels, ms.float32).reshape((1,))
-        local_mean, local_var = self.local_moments(x)  # (C,), (C,)
-        # (C,), (1,), (1,) -> (C+2,) [n_i m_i | n_i | C]: the last slot sums to group_size * C
-        # when every rank's layer has C channels (as in the shifted-sums payload).
-        first = self._group_sum(ops.cat((local_mean * n, n,
+        n = ops.scalar_to_tensor(count, ms.float32).reshape((1,))
+        n_less = ops.scalar_to_tensor(count - self.one_over_group, ms.float32).reshape((1,))
+        # (C,), (1,) x 5 -> (C+5,) [n_i m_i | n_i | n_i - 1/W | n_i | n_i | C]. The last slot sums
+        # to W C when every rank's layer has C channels: ranks whose layers disagree on
+        # num_features send buffers of different lengths, which the all-reduce does not detect
+        # by itself.
+        first = self._group_sum(ops.cat((local_mean * n, n, n_less, n, n,
                                          ops.fill(ms.float32, (1,), float(channels)))))
-        mean_sum, count, channel_sum = self.split(first, (channels, 1, 1))
-        safe_count = ops.maximum(count, 1.0)  # an empty group: every sum is 0, so mean = var = 0
-        mean = mean_sum / safe_count
+        mean_sum, group_count, group_count_less_one, checks = self.split(first, (channels, 1, 1, 3))
+        # (3,) [N | N | C slot] == [1 | 0 | W C] -> (3, 3) verdict -> row minima (3,):
+        # q (1 or -inf: stop), -code (0, -GUARD_SINGLE_VALUE or -GUARD_CHANNELS_DIFFER, which
+        # wins), increment (1 or 0). One value per channel, or none, stops the step's state too.
+        expected = ops.cat((self.count_checks, ops.fill(ms.float32, (1,), float(channels * self.group_size))))
+        verdict = self.row_minimum(ops.select(checks == expected, self.verdict_if_equal,
+                                              self.verdict_if_unequal), 1)
+        q, negative_code, increment = self.split(verdict, (1, 1, 1))
+        mean = mean_sum / group_count  # N = 0: NaN, which an empty group never reads
         deviation = local_mean - mean
-        # (C,) -> (C,). An empty rank sends zeros (n_i = 0).
-        var = self._group_sum(ops.addcmul(local_var, deviation, deviation, 1.0) * n) / safe_count
-        if self.synchronized:
-            # Errors only the group's sums reveal; var (so invstd, y and the state) goes through
-            # the guard. 2: the ranks disagree on num_features (N is garbage then); 3: one value
-            # per channel in the group's batch.
-            code = ops.select(channel_sum == float(channels * self.group_size),
-                              ops.select(count == 1.0, self.single_value_code, self.no_code),
-                              self.channels_differ_code)
-            var = self.stop_if(var, code)
-        else:  # one value per channel is caught from the shape before any kernel runs
-            code = self.no_code
-        return mean, ops.rsqrt(var + eps), var, count, code
+        # (C,) -> (C,). An empty rank sends zeros (n_i = 0), or NaN when q is -inf.
+        m2 = self._group_sum(self.addcmul(local_var, deviation, deviation, q) * n)
+        var = m2 / group_count
+        unbiased = m2 / group_count_less_one
+        return mean, ops.rsqrt(var + eps), unbiased, group_count, ops.neg(negative_code), increment
+
+    def _local_moments_stats(self, local_mean, local_var, count, eps):
+        """No group: the local moments are the statistics (count n static); the same outputs as
+        _group_moments_stats. One value per channel is caught from the shape before any kernel
+        runs; an empty batch leaves the state unchanged."""
+        n = ops.scalar_to_tensor(count, ms.float32).reshape((1,))
+        if count > 1:  # static shape: decided at compile time
+            unbiased = local_var * (count / (count - 1))
+            increment = ops.ones((1,), ms.float32)
+        else:
+            unbiased = local_var * float("nan")
+            increment = ops.zeros((1,), ms.float32)
+        return local_mean, ops.rsqrt(local_var + eps), unbiased, n, self.no_code, increment
 
     def bprop(self, x, weight, bias, shift, eps, out, dout):
         dy = dout[0]
@@ -231,16 +284,16 @@ class SyncBatchNormFunction(Float32Cell):
         # did, in the emulated-Ascend tier: tests/test_ascend_emulated.py).
         sum_dy, sum_dy_xmu, grad_weight, grad_bias = self.backward_reduce(
             dy, x, ops.depend(mean, invstd), invstd)
-        if self.check_pairing:
+        if self.checks_pairing:
             # (C,), (C,), (1,) -> (2C+1,) with the layer's fingerprint in the last slot
-            tag = self.fingerprint(mean, invstd, count, self.fingerprint_modulus)
+            tag = self.fingerprint(invstd, self.fingerprint_modulus)
             reduced = self.all_reduce(ops.cat((sum_dy, sum_dy_xmu, tag)))
             group_dy, group_dy_xmu, reduced_tag = self.split(reduced, (channels, channels, 1))
             # Another layer application's collective was paired with ours when the tags do not
-            # add up (integers: exact in float32). No branch: the guard passes sum(dy) through
-            # or stops the step (CPU: raises; Ascend: NaN, and so dx).
-            code = ops.select(reduced_tag != tag * self.group_size, self.mispaired_code, self.no_code)
-            group_dy = self.stop_if(group_dy, code)
+            # add up (integers: exact in float32). No branch: check_pairing passes sum(dy)
+            # through or stops the step (CPU: raises; Ascend: NaN, and so dx).
+            group_dy = self.check_pairing(group_dy, reduced_tag, tag, self.group_size_value,
+                                          self.mispaired_code, self.guard_text)
         elif self.synchronized:
             group_dy, group_dy_xmu = self.split(self.all_reduce(ops.cat((sum_dy, sum_dy_xmu))),
                                                 (channels, channels))

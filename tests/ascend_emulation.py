@@ -1,4 +1,4 @@
-"""Emulated Ascend: CPU stand-ins for the four native Ascend batch-norm primitives (tests only).
+"""Emulated Ascend: CPU stand-ins for the native Ascend batch-norm primitives (tests only).
 
 ``use_emulated_ascend(variant)`` makes every SyncBatchNorm built afterwards in this
 process use the Ascend table (ms_syncbn/kernels/ascend.py) with these stand-ins in
@@ -18,7 +18,12 @@ RuntimeError, as the kernel launch would. Sources:
   ``norm/batch_norm_elemt/op_host/op_api/aclnn_batch_norm_elemt.cpp``,
   ``norm/sync_batch_norm_backward_reduce/op_api/aclnn_batch_norm_backward_reduce.cpp``,
   ``norm/sync_batch_norm_backward_elemt/op_api/aclnn_batch_norm_elemt_backward.cpp`` and the
-  ``aclnnBatchNormStats`` documentation.
+  ``aclnnBatchNormStats`` documentation;
+- BNTrainingUpdateGrad (``mindspore.ops.operations._grad_ops``, run through MindSpore's aclop
+  path): CANN's ``bn_training_update_grad`` (dy and x cast to float32, the mean subtracted per
+  element, float32 sums; float32 statistics). MindSpore's inference checks no dtype or rank;
+  the stand-in accepts what the kernel is documented to take, 4-D float16/float32 NCHW with
+  float32 statistics, and raises RuntimeError (as the launch would) for anything else.
 
 Empty inputs (variant): on Atlas A2/A3 (910B/910_93, ``"a2"``) aclnnBatchNormReduceBackward
 returns without writing its outputs; the stand-in fills them with NaN, the worst case
@@ -189,6 +194,59 @@ class BatchNormElemtGrad(nn.Cell):
         return dx.astype(input_x.dtype)
 
 
+class BNTrainingUpdateGrad(nn.Cell):
+    """(grads, x, batch_mean, batch_variance) -> (diff_scale, diff_offset), (C,) float32 each.
+
+    diff_scale = sum(dy * (x - mean) / sqrt(variance + epsilon)), diff_offset = sum(dy) over N, H,
+    W, with dy and x cast to float32 and the mean subtracted per element. Empty input: not
+    documented; NaN ("a2", unwritten) or zeros ("910_95"), as BatchNormReduceGrad.
+    """
+
+    kernel_dtypes = (ms.float16, ms.float32)  # through self: amp O1's code rewrite drops module constants
+
+    def __init__(self, variant="a2", epsilon=1e-4):
+        super().__init__()
+        self.empty_value = _empty_fill(variant)
+        self.epsilon = epsilon
+
+    def construct(self, grads, x, batch_mean, batch_variance):
+        _check_update_grad("BNTrainingUpdateGrad", x.dtype, grads.dtype, batch_mean.dtype,
+                           batch_variance.dtype, x.ndim, self.kernel_dtypes)
+        channels = x.shape[1]
+        if x.size == 0:
+            diff_offset = ops.fill(ms.float32, (channels,), self.empty_value)
+            diff_scale = diff_offset
+        else:
+            dy = grads.astype(ms.float32)
+            x32 = x.astype(ms.float32)
+            axes = _reduce_axes(x32)
+            rstd = ops.rsqrt(batch_variance + self.epsilon)
+            diff_scale = (dy * (x32 - _per_channel(batch_mean, x32))).sum(axis=axes) * rstd
+            diff_offset = dy.sum(axis=axes)
+        return diff_scale, diff_offset
+
+
+@constexpr
+def _check_update_grad(primitive, x_dtype, dy_dtype, mean_dtype, variance_dtype, rank, accepted):
+    """RuntimeError, as the aclop launch of BNTrainingUpdateGrad would, outside what the kernel
+    takes: 4-D x and grads of one float16/float32 dtype, float32 statistics."""
+    if x_dtype not in accepted or dy_dtype != x_dtype or rank != 4 \
+            or mean_dtype != ms.float32 or variance_dtype != ms.float32:
+        raise RuntimeError(f"{primitive}: takes 4-D float16/float32 grads and x of one dtype and "
+                           f"float32 statistics, but got x {x_dtype} ({rank}-D), grads {dy_dtype}, "
+                           f"statistics {mean_dtype}/{variance_dtype} (emulated kernel launch).")
+
+
+class EmulatedGradOps:
+    """Stands in for ``mindspore.ops.operations._grad_ops`` inside ms_syncbn.kernels.ascend."""
+
+    def __init__(self, variant):
+        self.variant = variant
+
+    def BNTrainingUpdateGrad(self, epsilon=1e-4):  # pylint: disable=invalid-name
+        return BNTrainingUpdateGrad(self.variant, epsilon)
+
+
 class EmulatedPrimitives:
     """Stands in for ``mindspore.ops.auto_generate`` inside ms_syncbn.kernels.ascend."""
 
@@ -214,12 +272,12 @@ def emulated_ascend_kernels(variant):
     """A fresh Ascend table whose native primitives are the stand-ins of ``variant``."""
     from ms_syncbn.kernels import ascend
 
-    real = ascend.native
-    ascend.native = EmulatedPrimitives(variant)
+    real, real_grad_ops = ascend.native, ascend.grad_ops
+    ascend.native, ascend.grad_ops = EmulatedPrimitives(variant), EmulatedGradOps(variant)
     try:
         return ascend.ascend_kernels.__wrapped__()
     finally:
-        ascend.native = real
+        ascend.native, ascend.grad_ops = real, real_grad_ops
 
 
 def use_emulated_ascend(variant, monkeypatch=None):

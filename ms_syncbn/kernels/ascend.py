@@ -33,17 +33,22 @@ import os
 import mindspore as ms
 from mindspore import nn, ops
 from mindspore.ops import auto_generate as native
+from mindspore.ops.operations import _grad_ops as grad_ops
 
 from ms_syncbn.kernels import BatchNormKernels
-from ms_syncbn.kernels.composite import FinalizeStats, Fingerprint, Guard, UpdateStats
+from ms_syncbn.kernels.composite import CheckPairing, FinalizeStats, Fingerprint, Guard, UpdateStats
 
 # The one switch of the backward reduction (README, "How dtypes are routed on Ascend"):
-# "centred" (default) hands BatchNormReduceGrad x - mean in float32, one more pass over the
-# activation than mint makes (and in float16/bfloat16 two casts), precise at any mean;
-# "uncentred" calls it as mint does, with x and the mean, no extra pass, and inherits its
+# "update_grad" (default) calls BNTrainingUpdateGrad, the kernel MindSpore's own BatchNorm
+# backward is split into on Ascend (its BnGradSplit pass): it subtracts the mean per element in
+# float32 and sums in the same pass, so it is precise at any mean and reads dy and x once, as
+# mint's reduction does, also in float16 (it casts inside); it runs through the aclop path.
+# "centred" hands the aclnn kernel BatchNormReduceGrad x - mean in float32: precise, one more
+# pass over the activation (and in float16/bfloat16 two casts). "uncentred" calls
+# BatchNormReduceGrad as mint does, with x and the mean, no extra pass, and inherits its
 # sum(dy*x) - mean*sum(dy) in float32, which cancels when |mean| >> std.
 BACKWARD_REDUCE_ENV = "MS_SYNCBN_ASCEND_BACKWARD_REDUCE"
-BACKWARD_REDUCE_CHOICES = ("centred", "uncentred")
+BACKWARD_REDUCE_CHOICES = ("update_grad", "centred", "uncentred")
 
 # BatchNormStats returns invstd = 1/sqrt(var + eps) in float32; var comes back as
 # 1/invstd^2 - eps, within a few float32 ulps of the kernel's var. This eps keeps a
@@ -83,6 +88,15 @@ def _like(y, x):
     else:
         out = y
     return out
+
+
+def _update_grad_input(x):
+    """x as BNTrainingUpdateGrad takes it: float16/float32 as they are, anything else as float32."""
+    if x.dtype == ms.float16 or x.dtype == ms.float32:
+        routed = x
+    else:
+        routed = x.astype(ms.float32)
+    return routed
 
 
 def _as_float32(x):
@@ -166,22 +180,29 @@ class _LocalMoments(nn.Cell):
 
 class _BackwardReduce(nn.Cell):
     """dy, x, mean, invstd -> sum(dy), sum(dy*(x-mean)), grad_weight, grad_bias (C,) float32,
-    from one BatchNormReduceGrad (its weight and bias gradients are the last two).
+    from one native reduction (BACKWARD_REDUCE_ENV says which).
 
-    The kernel sums dy*x and subtracts mean*sum(dy) in float32, which cancels at large
-    |mean|/std (0.6 % at mean 1e4, std 2). `centred` (the default, BACKWARD_REDUCE_ENV): it
-    gets x - mean in float32 and a zero mean, precise at any mean, for one more pass over x
-    (and in float16/bfloat16 the casts of dy and x); its sums then come back float32.
-    Otherwise it gets x and the mean as mint passes them: no extra pass, mint's numerics, and
-    in float16/bfloat16 sums in that dtype (rounded; above 65504 they overflow), cast to
-    float32 per channel. Zeros for an empty batch, without a native kernel (A2/A3 leave them
-    unwritten).
+    ``update_grad`` (the default): BNTrainingUpdateGrad(dy, x, mean, variance) returns
+    sum(dy*(x-mean)/sqrt(variance+epsilon)) and sum(dy), float32, subtracting the mean per
+    element in float32 (CANN's bn_training_update_grad; float16 and float32 inputs are read as
+    they are). Given variance 1 and epsilon 0 it returns sum(dy*(x-mean)) itself; the weight
+    gradient is that times invstd (one (C,) Mul). It takes 4-D NCHW: any other rank is viewed
+    as (N, C, L, 1). bfloat16 and float64 go in as float32.
+    ``centred``: BatchNormReduceGrad gets x - mean in float32 and a zero mean, precise at any
+    mean, for one more pass over x (and in float16/bfloat16 the casts of dy and x).
+    ``uncentred``: BatchNormReduceGrad gets x and the mean as mint passes them: no extra pass,
+    mint's numerics (sum(dy*x) - mean*sum(dy) cancels at large |mean|/std: 0.6 % at mean 1e4,
+    std 2), and in float16/bfloat16 sums in that dtype (rounded; above 65504 they overflow),
+    cast to float32 per channel.
+    Zeros for an empty batch, without a native kernel (A2/A3 leave BatchNormReduceGrad's
+    outputs unwritten).
     """
 
-    def __init__(self, centred=True):
+    def __init__(self, mode="update_grad"):
         super().__init__()
         self.reduce_grad = native.BatchNormReduceGrad()
-        self.centred = centred
+        self.update_grad = grad_ops.BNTrainingUpdateGrad(epsilon=0.0)
+        self.mode = mode
 
     def construct(self, dy, x, mean, invstd):
         channels = x.shape[1]
@@ -190,7 +211,18 @@ class _BackwardReduce(nn.Cell):
             zeros = ops.depend(ops.depend(ops.depend(ops.zeros((channels,), ms.float32), mean),
                                           invstd), dy)
             sums = (zeros, zeros, zeros, zeros)
-        elif self.centred:  # a constant of the table: no graph branch
+        elif self.mode == "update_grad":  # a constant of the table: no graph branch
+            if x.ndim == 4:
+                routed_x, routed_dy = _update_grad_input(x), _update_grad_input(dy)
+            else:  # (N, C, *) -> (N, C, L, 1): a view
+                nchw = (x.shape[0], channels, -1, 1)
+                routed_x = _update_grad_input(x).reshape(nchw)
+                routed_dy = _update_grad_input(dy).reshape(nchw)
+            # (C,) float32 each: variance 1 and epsilon 0 make its scale 1, so the first is
+            # sum(dy*(x-mean)) itself
+            sum_dy_xmu, sum_dy = self.update_grad(routed_dy, routed_x, mean, ops.ones_like(mean))
+            sums = (sum_dy, sum_dy_xmu, sum_dy_xmu * invstd, sum_dy)
+        elif self.mode == "centred":
             centred = _as_float32(x) - mean.reshape(_per_channel_shape(x))  # (N, C, *) float32
             # (C,) float32 each; weight only types grad_weight (float32): ones, a constant
             sums = self.reduce_grad(_as_float32(dy), centred, ops.zeros_like(mean), invstd,
@@ -244,29 +276,32 @@ class _Normalize(nn.Cell):
         return y
 
 
-def centred_backward_reduce() -> bool:
-    """Whether the table's BatchNormReduceGrad gets x - mean (see BACKWARD_REDUCE_ENV).
+def backward_reduce_mode() -> str:
+    """Which native reduction the table's backward uses (see BACKWARD_REDUCE_ENV): "update_grad"
+    (the default), "centred" or "uncentred".
 
     Raises:
-        ValueError: If the variable holds anything but "centred" or "uncentred".
+        ValueError: If the variable holds anything else.
     """
-    choice = os.environ.get(BACKWARD_REDUCE_ENV, "centred")
+    choice = os.environ.get(BACKWARD_REDUCE_ENV, BACKWARD_REDUCE_CHOICES[0])
     if choice not in BACKWARD_REDUCE_CHOICES:
         raise ValueError(f"ms_syncbn: {BACKWARD_REDUCE_ENV} must be one of {BACKWARD_REDUCE_CHOICES}, "
                          f"but got {choice!r}.")
-    return choice == "centred"
+    return choice
 
 
 @functools.lru_cache(maxsize=None)
 def ascend_kernels() -> BatchNormKernels:
-    """The Ascend table (BatchNormStats, BatchNormElemt, BatchNormReduceGrad, BatchNormElemtGrad).
+    """The Ascend table (BatchNormStats, BatchNormElemt, BNTrainingUpdateGrad or
+    BatchNormReduceGrad, BatchNormElemtGrad).
 
-    finalize_stats, update_stats, guard and fingerprint are composites (ms_syncbn.kernels.composite).
-    The backward reduction is centred unless BACKWARD_REDUCE_ENV says "uncentred", read when
-    the table is first made in the process.
+    finalize_stats, update_stats, guard, fingerprint and check_pairing are composites
+    (ms_syncbn.kernels.composite). The backward reduction is BACKWARD_REDUCE_ENV's choice, read
+    when the table is first made in the process.
     """
     return BatchNormKernels(backend="Ascend", local_stats=_LocalStats(), normalize=_Normalize(),
-                            backward_reduce=_BackwardReduce(centred_backward_reduce()),
+                            backward_reduce=_BackwardReduce(backward_reduce_mode()),
                             backward_elemt=_BackwardElemt(),
                             finalize_stats=FinalizeStats(), update_stats=UpdateStats(),
-                            guard=Guard(), fingerprint=Fingerprint(), local_moments=_LocalMoments())
+                            guard=Guard(), fingerprint=Fingerprint(), check_pairing=CheckPairing(),
+                            local_moments=_LocalMoments())
