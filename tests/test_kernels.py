@@ -432,10 +432,13 @@ for key, dtype in meta.items():
     e = [dtype, "float32"]
     stats = np.zeros(3 * C + 1, np.float32); call("LocalStats", [x, shift, stats], [e[0], e[1], e[1]])
     y = np.empty_like(x); call("Normalize", [x, mean, invstd, weight, bias, y], [e[0]] + [e[1]] * 4 + [e[0]])
-    red = np.zeros(2 * C, np.float32); call("BackwardReduce", [dy, x, mean, red], [e[0], e[0], e[1], e[1]])
+    red = [np.full(C, np.nan, np.float32) for _ in range(4)]
+    call("BackwardReduce", [dy, x, mean, invstd] + red, [e[0], e[0]] + [e[1]] * 6)
     dx = np.empty_like(x)
-    call("BackwardElemt", [dy, x, mean, invstd, weight, sums, count, dx], [e[0], e[0]] + [e[1]] * 5 + [e[0]])
-    outputs.update({key + ".stats": stats, key + ".y": y, key + ".red": red, key + ".dx": dx})
+    call("BackwardElemt", [dy, x, mean, invstd, weight, sums[:C].copy(), sums[C:].copy(), count, dx],
+         [e[0], e[0]] + [e[1]] * 6 + [e[0]])
+    outputs.update({key + ".stats": stats, key + ".y": y, key + ".dx": dx,
+                    key + ".red": np.concatenate(red[:2]), key + ".grads": np.concatenate(red[2:])})
 np.savez(sys.argv[3], **outputs)
 print(lib.MsSyncBnCpuIsa().decode())
 """
@@ -499,6 +502,11 @@ def test_every_instruction_set_meets_the_contracts(isa, tmp_path):
                      what + " normalize")
         ref, scale = backward_reduce_ref(dy64, x64, p["mean"])
         assert_sums_close(ms.Tensor(out[key + ".red"]), ref, scale, dtype, what + " backward_reduce")
+        channels = x64.shape[1]
+        sum_dy, sum_dy_xmu = out[key + ".red"][:channels], out[key + ".red"][channels:]
+        np.testing.assert_array_equal(  # grad_weight, grad_bias from the kernel's own float32 sums
+            out[key + ".grads"], np.concatenate([sum_dy_xmu * p["invstd"].astype(np.float32), sum_dy]),
+            err_msg=what + " backward_reduce gradients")
         ref, scale = backward_elemt_ref(dy64, x64, p["mean"], p["invstd"], p["weight"], p["sums"],
                                         p["count"])
         assert_close(_from_storage(out[key + ".dx"], dtype), ref, scale, dtype, ELEM_RTOL,

@@ -109,37 +109,6 @@ class _UpdateStats(Float32Cell):
         return new_shift, new_mean, new_var, updated.astype(ms.int64).reshape(())
 
 
-class _BackwardReduce(Float32Cell):
-    """dy, x, mean, invstd -> sum(dy), sum(dy*(x-mean)), grad_weight, grad_bias (C,) f32, from the
-    ``BackwardReduce`` kernel's (2C,) [sum(dy) | sum(dy*(x-mean))]."""
-
-    def __init__(self):
-        super().__init__()
-        # dy, x, mean -> (2C,) f32
-        self.backward_reduce = _custom("BackwardReduce", ("dy", "x", "mean"),
-                                       lambda dy, x, m: ms.float32)
-
-    def construct(self, dy, x, mean, invstd):
-        sums = self.backward_reduce(dy, x, mean)
-        sum_dy, sum_dy_xmu = sums[:x.shape[1]], sums[x.shape[1]:]
-        return sum_dy, sum_dy_xmu, sum_dy_xmu * invstd, sum_dy
-
-
-class _BackwardElemt(Float32Cell):
-    """dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu (C,), count (1,) -> dx like x, through the
-    ``BackwardElemt`` kernel, which takes the sums as one (2C,) input."""
-
-    def __init__(self):
-        super().__init__()
-        # dy, x, mean, invstd, weight, sums (2C,), count (1,) -> dx like x
-        self.backward_elemt = _custom("BackwardElemt",
-                                      ("dy", "x", "mean", "invstd", "weight", "sums", "count"),
-                                      lambda dy, x, m, s, w, sums, n: x)
-
-    def construct(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
-        return self.backward_elemt(dy, x, mean, invstd, weight, ops.cat((sum_dy, sum_dy_xmu)), count)
-
-
 @functools.lru_cache(maxsize=None)
 def cpu_kernels() -> BatchNormKernels:
     """The CPU table; primitives are created once per process and shared by all layers."""
@@ -151,9 +120,13 @@ def cpu_kernels() -> BatchNormKernels:
         normalize=_custom("Normalize", ("x", "mean", "invstd", "weight", "bias"),
                           lambda x, m, s, w, b: x),
         # dy, x, mean, invstd -> sum(dy), sum(dy*(x-mean)), grad_weight, grad_bias (C,) f32
-        backward_reduce=_BackwardReduce(),
+        backward_reduce=_custom("BackwardReduce", ("dy", "x", "mean", "invstd"),
+                                lambda dy, x, m, s: (ms.float32,) * 4,
+                                outputs=("sum_dy", "sum_dy_xmu", "grad_weight", "grad_bias")),
         # dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu (C,), count (1,) -> dx like x
-        backward_elemt=_BackwardElemt(),
+        backward_elemt=_custom("BackwardElemt", ("dy", "x", "mean", "invstd", "weight", "sum_dy",
+                                                 "sum_dy_xmu", "count"),
+                               lambda dy, x, m, s, w, sdy, sdyx, n: x),
         # sums (3C+2,), params (6,) -> mean, invstd, var (C,), code, count, needs reshift (1,) f32
         finalize_stats=_custom("FinalizeStats", ("sums", "params"),
                                lambda sums, p: (ms.float32,) * 6,

@@ -3,7 +3,7 @@
 // Every kernel follows MindSpore's AOT calling convention:
 //   int Kernel(int nparam, void **params, int *ndims, int64_t **shapes,
 //              const char **dtypes, void *stream, void *extra)
-// where params holds the inputs followed by the single output, and returns 0
+// where params holds the inputs followed by the outputs, and returns 0
 // on success (1 on an unsupported dtype or a malformed call). MindSpore hands
 // us dense row-major buffers.
 //
@@ -14,7 +14,7 @@
 // a graph compiled for dynamic shapes, again at run time with each step's
 // input shapes. An unknown dimension is -1 and an unknown rank is the shape
 // {-2}; the functions pass them on (a per-channel length of unknown C is -1).
-// (A kernel with several outputs, FinalizeStats and UpdateStats, returns
+// (A kernel with several outputs -- BackwardReduce, FinalizeStats, UpdateStats -- returns
 // std::vector<std::vector<int64_t>>, one shape per output, and is registered with
 // its outputs: kernels/cpu.py.)
 // MindSpore 2.10 cannot call a Python shape function at run time (its kernel
@@ -244,22 +244,41 @@ extern "C" int Normalize(int nparam, void **params, int *ndims, int64_t **shapes
 // x, mean, invstd, weight, bias -> y like x
 MSSBN_INFER_SHAPE(Normalize) { return mssbn::input_shape(ndims, shapes, 0); }
 
+// dy and x: the same dtype and shape; the tensors at `first`..`last` (inputs or
+// outputs): per-channel, (C,) float32 with C = x.shape[1].
+static bool backward_call_ok(const int *ndims, int64_t *const *shapes, const char **dtypes,
+                             int first, int last) {
+  if (ndims[1] < 2 || ndims[0] != ndims[1] || std::strcmp(dtypes[0], dtypes[1]) != 0) return false;
+  for (int d = 0; d < ndims[1]; ++d)
+    if (shapes[0][d] != shapes[1][d]) return false;
+  for (int i = first; i <= last; ++i)
+    if (ndims[i] != 1 || shapes[i][0] != shapes[1][1] || std::strcmp(dtypes[i], "float32") != 0)
+      return false;
+  return true;
+}
+
+// BackwardReduce: dy, x (N, C, *), mean, invstd (C,) f32
+//   -> sum_dy, sum_dy_xmu, grad_weight, grad_bias (C,) f32 (contract: backward_reduce below).
 extern "C" int BackwardReduce(int nparam, void **params, int *ndims, int64_t **shapes,
                               const char **dtypes, void *, void *) {
-  if (nparam != 4 || ndims[1] < 2) return 1;
-  if (std::strcmp(dtypes[0], dtypes[1]) != 0) return 1;
+  if (nparam != 8 || !backward_call_ok(ndims, shapes, dtypes, 2, 7)) return 1;
   return mssbn::run(mssbn::kBackwardReduce, dtypes[1], params, mssbn::ncs_of(ndims[1], shapes[1]));
 }
-// dy, x (N, C, *), mean -> (2C,)
-MSSBN_INFER_SHAPE(BackwardReduce) { return mssbn::per_channel(ndims, shapes, 1, 1, 2, 0); }
+// dy, x (N, C, *), mean, invstd -> (C,) x 4
+MSSBN_INFER_SHAPES(BackwardReduce) {
+  const mssbn::Shape channels = mssbn::per_channel(ndims, shapes, 1, 1, 1, 0);
+  return mssbn::Shapes{channels, channels, channels, channels};
+}
 
+// BackwardElemt: dy, x (N, C, *), mean, invstd, weight, sum_dy, sum_dy_xmu (C,) f32,
+// count (1,) f32 -> dx like x (contract: backward_elemt below).
 extern "C" int BackwardElemt(int nparam, void **params, int *ndims, int64_t **shapes,
                              const char **dtypes, void *, void *) {
-  if (nparam != 8 || ndims[1] < 2) return 1;
-  if (std::strcmp(dtypes[0], dtypes[1]) != 0) return 1;
+  if (nparam != 9 || !backward_call_ok(ndims, shapes, dtypes, 2, 6)) return 1;
+  if (ndims[7] != 1 || shapes[7][0] != 1 || std::strcmp(dtypes[7], "float32") != 0) return 1;
   return mssbn::run(mssbn::kBackwardElemt, dtypes[1], params, mssbn::ncs_of(ndims[1], shapes[1]));
 }
-// dy, x, mean, invstd, weight, sums, count -> dx like x
+// dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count -> dx like x
 MSSBN_INFER_SHAPE(BackwardElemt) { return mssbn::input_shape(ndims, shapes, 1); }
 
 // True if the first `count` tensors of a call are all 1-D float32 (the
@@ -865,13 +884,21 @@ void normalize(const T *x, const float *mean, const float *invstd, const float *
 
 // -------------------------------------------------------- backward_reduce --
 // Contract:
-//   in  dy    (N, C, *)  dtype of x
-//   in  x     (N, C, *)  f16 | bf16 | f32 | f64
-//   in  mean  (C,)       f32
-//   out sums  (2C,)      f32  [ sum(dy) (C) | sum(dy * (x - mean)) (C) ]  local sums
-// One pass over dy and x; an empty batch yields zeros.
+//   in  dy          (N, C, *)  dtype of x
+//   in  x           (N, C, *)  f16 | bf16 | f32 | f64
+//   in  mean        (C,)       f32
+//   in  invstd      (C,)       f32
+//   out sum_dy      (C,)       f32  sum(dy)                local sums
+//   out sum_dy_xmu  (C,)       f32  sum(dy * (x - mean))
+//   out grad_weight (C,)       f32  sum_dy_xmu * invstd    (float32 product of the two
+//                                                          float32 values)
+//   out grad_bias   (C,)       f32  sum_dy                 (a copy)
+// One pass over dy and x; an empty batch yields zeros. The weight and bias
+// gradients are the local ones (data parallelism sums them over the ranks).
 template <typename T>
-void backward_reduce(const T *dy, const T *x, const float *mean, float *out, NCS v) {
+void backward_reduce(const T *dy, const T *x, const float *mean, const float *invstd,
+                     float *sum_dy_out, float *sum_dy_xmu_out, float *grad_weight_out,
+                     float *grad_bias_out, NCS v) {
   typedef Lanes<T> L;
   typedef typename L::CT CT;
   const int64_t C = v.c, S = v.s;
@@ -902,7 +929,14 @@ void backward_reduce(const T *dy, const T *x, const float *mean, float *out, NCS
       };
     }, sums.data(), sums.data() + C);
   }
-  for (int64_t c = 0; c < 2 * C; ++c) out[c] = static_cast<float>(sums[c]);
+  for (int64_t c = 0; c < C; ++c) {
+    const float sum_dy = static_cast<float>(sums[c]);
+    const float sum_dy_xmu = static_cast<float>(sums[C + c]);
+    sum_dy_out[c] = sum_dy;
+    sum_dy_xmu_out[c] = sum_dy_xmu;
+    grad_weight_out[c] = sum_dy_xmu * invstd[c];
+    grad_bias_out[c] = sum_dy;
+  }
 }
 
 // --------------------------------------------------------- backward_elemt --
@@ -910,7 +944,8 @@ void backward_reduce(const T *dy, const T *x, const float *mean, float *out, NCS
 //   in  dy      (N, C, *)  dtype of x
 //   in  x       (N, C, *)  f16 | bf16 | f32 | f64
 //   in  mean, invstd, weight  (C,) f32
-//   in  sums    (2C,) f32  [ sum(dy) | sum(dy * (x - mean)) ] over the whole group
+//   in  sum_dy      (C,) f32  sum(dy) over the whole group
+//   in  sum_dy_xmu  (C,) f32  sum(dy * (x - mean)) over the whole group
 //   in  count   (1,)  f32  number of elements per channel over the whole group
 //                          (a count <= 0 is treated as 1)
 //   out dx      (N, C, *)  dtype of x
@@ -919,7 +954,8 @@ void backward_reduce(const T *dy, const T *x, const float *mean, float *out, NCS
 //   computed in double once per call and rounded to the compute type.
 template <typename T>
 void backward_elemt(const T *dy, const T *x, const float *mean, const float *invstd,
-                    const float *weight, const float *sums, const float *count, T *dx, NCS v) {
+                    const float *weight, const float *sum_dy, const float *sum_dy_xmu,
+                    const float *count, T *dx, NCS v) {
   typedef Lanes<T> L;
   typedef typename L::CT CT;
   const int64_t C = v.c, S = v.s;
@@ -930,8 +966,8 @@ void backward_elemt(const T *dy, const T *x, const float *mean, const float *inv
     const double is = invstd[c];
     const double ad = static_cast<double>(weight[c]) * is;
     a[c] = static_cast<CT>(ad);
-    p[c] = static_cast<CT>(-ad * is * is * (static_cast<double>(sums[C + c]) / cnt));
-    q[c] = static_cast<CT>(-ad * (static_cast<double>(sums[c]) / cnt));
+    p[c] = static_cast<CT>(-ad * is * is * (static_cast<double>(sum_dy_xmu[c]) / cnt));
+    q[c] = static_cast<CT>(-ad * (static_cast<double>(sum_dy[c]) / cnt));
     m[c] = static_cast<CT>(mean[c]);
   }
   if (S == 1) {
@@ -981,12 +1017,14 @@ template <typename T> void run_normalize(void **p, NCS v) {
                as<const float>(p[3]), as<const float>(p[4]), as<T>(p[5]), v);
 }
 template <typename T> void run_backward_reduce(void **p, NCS v) {
-  backward_reduce<T>(as<const T>(p[0]), as<const T>(p[1]), as<const float>(p[2]), as<float>(p[3]), v);
+  backward_reduce<T>(as<const T>(p[0]), as<const T>(p[1]), as<const float>(p[2]),
+                     as<const float>(p[3]), as<float>(p[4]), as<float>(p[5]), as<float>(p[6]),
+                     as<float>(p[7]), v);
 }
 template <typename T> void run_backward_elemt(void **p, NCS v) {
   backward_elemt<T>(as<const T>(p[0]), as<const T>(p[1]), as<const float>(p[2]),
                     as<const float>(p[3]), as<const float>(p[4]), as<const float>(p[5]),
-                    as<const float>(p[6]), as<T>(p[7]), v);
+                    as<const float>(p[6]), as<const float>(p[7]), as<T>(p[8]), v);
 }
 
 }  // namespace
