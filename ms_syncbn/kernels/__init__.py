@@ -69,11 +69,13 @@ import numpy as np
 
 
 # Error codes of the guard kernel; GUARD_MEANINGS is the one statement of what they mean.
+# Of two forward codes the larger is the one to report (ranks that disagree on num_features
+# make the batch size meaningless too), so a ReduceMax picks it.
 GUARD_MALFORMED = 1.0  # the guard kernel itself was called with malformed arguments
-GUARD_CHANNELS_DIFFER = 2.0  # the ranks of the process group disagree on num_features
-GUARD_SINGLE_VALUE = 3.0  # the group's batch holds 1 value per channel in training
+GUARD_SINGLE_VALUE = 2.0  # the group's batch holds 1 value per channel in training
+GUARD_CHANNELS_DIFFER = 3.0  # the ranks of the process group disagree on num_features
 GUARD_MISPAIRED = 4.0  # a backward all-reduce was paired with another layer's
-GUARD_CODES = (GUARD_CHANNELS_DIFFER, GUARD_SINGLE_VALUE, GUARD_MISPAIRED)
+GUARD_CODES = (GUARD_SINGLE_VALUE, GUARD_CHANNELS_DIFFER, GUARD_MISPAIRED)
 
 # The fingerprint's hash (the contract of the ``fingerprint`` kernel): the bits of each
 # statistic that enter it are value * 2**12 modulo 2**14, summed over [mean | invstd | count]

@@ -76,20 +76,6 @@ def _custom(symbol: str, inputs, out_dtype, outputs=("output",)) -> _SharedCusto
 # every cell not in its black list, one by one, and these kernels take float32 only.
 
 
-class _Guard(Float32Cell):
-    """values (M,) f32, code (1,) f32, text (T,) f32 -> values, or a RuntimeError carrying the
-    code and naming the layer (the ``Guard`` kernel reads [code | text]). No branch here: the
-    same Cell runs in the function's construct and in its bprop (kernels/ascend.py)."""
-
-    def __init__(self):
-        super().__init__()
-        # values (M,) f32, [code | text] (1+T,) f32 -> values
-        self.guard = _custom("Guard", ("values", "code"), lambda values, code: values)
-
-    def construct(self, values, code, text):
-        return self.guard(values, ops.cat((code, text)))
-
-
 class _UpdateStats(Float32Cell):
     """The update_stats contract over the ``UpdateStats`` kernel, whose `updated` is float32 (1,)."""
 
@@ -135,7 +121,7 @@ def cpu_kernels() -> BatchNormKernels:
         #   -> shift', running_mean', running_var' (C,) f32, increment () int64
         update_stats=_UpdateStats(),
         # values (M,) f32, code (1,) f32, text -> values, or a RuntimeError carrying the code
-        guard=_Guard(),
+        guard=_custom("Guard", ("values", "code", "text"), lambda values, code, text: values),
         # mean, invstd (C,), count (1,), modulus (1,) -> (1,) f32
         fingerprint=_custom("Fingerprint", ("mean", "invstd", "count", "modulus"),
                             lambda m, s, n, q: ms.float32),

@@ -449,36 +449,24 @@ extern "C" int Fingerprint(int nparam, void **params, int *ndims, int64_t **shap
 // mean, invstd, count, modulus -> (1,)
 MSSBN_INFER_SHAPE(Fingerprint) { return mssbn::Shape{1}; }
 
-// Guard: values (M,) float32, code (1+T,) float32 = [code | text] -> values (M,) float32.
-// The branch-free way for a compiled graph to stop on a condition every rank
-// agrees on: the caller computes an error code (0 = no error) from all-reduced
-// numbers and routes a small tensor it needs next through this kernel. Code 0:
-// copies `values`. Code k >= 1: throws a std::runtime_error, which MindSpore
-// raises as a RuntimeError whose message includes ours (also written to
-// stderr); the output is then not written. `text` (T >= 0 elements, one UTF-8
-// byte each) is NUL-separated: entry 0 names the layer, entry k says what code k
-// means (ms_syncbn.kernels.guard_text builds it from GUARD_MEANINGS, the one
-// place the meanings are stated). Without text the message gives the code only.
-extern "C" int Guard(int nparam, void **params, int *ndims, int64_t **shapes,
-                     const char **dtypes, void *, void *) {
-  const bool well_formed = nparam == 3 && all_1d_float32(3, ndims, dtypes) && shapes[1][0] >= 1 &&
-                           shapes[2][0] == shapes[0][0];
-  const float code = well_formed ? *static_cast<const float *>(params[1]) : 1.0f;
-  if (code == 0.0f) {
-    std::memcpy(params[2], params[0], static_cast<size_t>(shapes[0][0]) * sizeof(float));
-    return 0;
-  }
+// Stops the step with guard code `code`: writes the error to stderr and throws a
+// std::runtime_error, which MindSpore raises as a RuntimeError whose message
+// includes ours. `text` (T >= 0 elements, one UTF-8 byte each; null when the
+// call was malformed) is NUL-separated: entry 0 names the layer, entry k says
+// what code k means (ms_syncbn.kernels.guard_text builds it from GUARD_MEANINGS,
+// the one place the meanings are stated). Without text the message gives the
+// code only. A code outside [1, 1000) is reported as 1 (malformed call of
+// `kernel`). The message format is ms_syncbn.kernels.guard_message's.
+[[noreturn]] static void stop_step(float code, const float *text, int64_t length,
+                                   const char *kernel) {
   const int k = code >= 1.0f && code < 1000.0f ? static_cast<int>(code) : 1;
   std::vector<std::string> entries(1);  // entry 0: the layer; entry k: the meaning of code k
-  if (well_formed) {
-    const float *text = static_cast<const float *>(params[1]) + 1;
-    for (int64_t i = 0; i + 1 < shapes[1][0]; ++i) {
-      const float c = text[i];
-      if (c == 0.0f) {
-        entries.emplace_back();
-      } else if (c > 0.0f && c < 256.0f) {
-        entries.back().push_back(static_cast<char>(static_cast<unsigned char>(c)));
-      }
+  for (int64_t i = 0; text != nullptr && i < length; ++i) {
+    const float c = text[i];
+    if (c == 0.0f) {
+      entries.emplace_back();
+    } else if (c > 0.0f && c < 256.0f) {
+      entries.back().push_back(static_cast<char>(static_cast<unsigned char>(c)));
     }
   }
   std::string message = "ms_syncbn SyncBatchNorm error " + std::to_string(k);
@@ -487,7 +475,7 @@ extern "C" int Guard(int nparam, void **params, int *ndims, int64_t **shapes,
   if (k < static_cast<int>(entries.size()) && !entries[k].empty()) {
     message += entries[k];
   } else if (k == 1) {
-    message += "malformed call of the Guard kernel";
+    message += std::string("malformed call of the ") + kernel + " kernel";
   } else {
     message += "see ms_syncbn.kernels.GUARD_MEANINGS";
   }
@@ -496,7 +484,29 @@ extern "C" int Guard(int nparam, void **params, int *ndims, int64_t **shapes,
   std::fflush(stderr);
   throw std::runtime_error(message);
 }
-// values (M,), code (1+T,) -> values
+
+// Guard: values (M,), code (1,), text (T,), all float32 -> values (M,) float32.
+// The branch-free way for a compiled graph to stop on a condition every rank
+// agrees on: the caller computes an error code (0 = no error) from all-reduced
+// numbers and routes a small tensor it needs next through this kernel.
+//   code 0:      values' = values (a copy)
+//   code k >= 1: the step stops with error k (stop_step above: the message names
+//                the layer, text entry 0, and says what k means, text entry k);
+//                the output is then not written.
+// A malformed call stops with error 1 ("malformed call of the Guard kernel").
+extern "C" int Guard(int nparam, void **params, int *ndims, int64_t **shapes,
+                     const char **dtypes, void *, void *) {
+  const bool well_formed = nparam == 4 && all_1d_float32(4, ndims, dtypes) && shapes[1][0] == 1 &&
+                           shapes[3][0] == shapes[0][0];
+  const float code = well_formed ? *static_cast<const float *>(params[1]) : 1.0f;
+  if (code == 0.0f) {
+    std::memcpy(params[3], params[0], static_cast<size_t>(shapes[0][0]) * sizeof(float));
+    return 0;
+  }
+  stop_step(code, well_formed ? static_cast<const float *>(params[2]) : nullptr,
+            well_formed ? shapes[2][0] : 0, "Guard");
+}
+// values (M,), code (1,), text (T,) -> values
 MSSBN_INFER_SHAPE(Guard) { return mssbn::input_shape(ndims, shapes, 0); }
 
 #else  // MSSBN_ISA
