@@ -849,10 +849,10 @@ def test_finalize_stats_rejects_a_malformed_call(kernels):
 
 # -------------------------------------------------------------------------- fingerprint --
 
-def fingerprint_ref(mean, invstd, count, modulus):
+def fingerprint_ref(invstd, modulus):
     """The fingerprint contract (Fingerprint in ops/cpu/syncbn_cpu.cc) in NumPy float32 and
-    Python integers."""
-    values = np.concatenate([mean, invstd, [count]]).astype(np.float32)
+    Python integers: over the C values of invstd."""
+    values = np.asarray(invstd, np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
         scaled = values * np.float32(2.0 ** 12)
     scaled = np.where(np.isfinite(scaled), scaled, np.float32(0.0)).astype(np.float32)
@@ -862,11 +862,18 @@ def fingerprint_ref(mean, invstd, count, modulus):
 
 
 FINGERPRINT_CASES = [
-    ([np.nan, np.inf, -np.inf], [np.nan, 1.0, np.inf], 5.0),  # non-finite values count as 0
-    ([0.0, 0.0], [1.0 / np.sqrt(1e-5)] * 2, 0.0),  # an all-empty group step
-    ([3e38, -3e38], [1e-30, 316.0], 2.0 ** 24),  # overflow after scaling counts as 0
-    ([-1e-10, -7.25, 123456.789], [0.5, 2.0, 1e4], 17.0),  # negative values wrap into [0, 2^14)
+    [np.nan, 1.0, np.inf, -np.inf],  # non-finite values count as 0
+    [1.0 / np.sqrt(1e-5)] * 2,  # an all-empty group step
+    [1e-30, 316.0, 3e38, -3e38],  # overflow after scaling counts as 0
+    [-1e-10, -7.25, 123456.789, 0.5, 2.0, 1e4],  # negative values wrap into [0, 2^14)
 ]
+
+
+def fingerprint_of(fingerprint, invstd, modulus):
+    as_tensor = lambda v: ms.Tensor(np.asarray(v, np.float32).reshape(-1))
+    out = fingerprint(as_tensor(invstd), as_tensor(modulus)).asnumpy()
+    assert out.shape == (1,) and out.dtype == np.float32
+    return float(out[0])
 
 
 @pytest.mark.parametrize("implementation", ["cpu_kernel", "composite"])
@@ -877,31 +884,50 @@ def test_fingerprint_follows_its_contract(kernels, implementation, modulus):
     fingerprint = kernels.fingerprint if implementation == "cpu_kernel" else CompositeFingerprint()
     rng = np.random.default_rng(int(modulus))
 
-    def tag(mean, invstd, count):
-        as_tensor = lambda v: ms.Tensor(np.asarray(v, np.float32).reshape(-1))
-        out = fingerprint(as_tensor(mean), as_tensor(invstd), as_tensor(count),
-                          as_tensor(modulus)).asnumpy()
-        assert out.shape == (1,) and out.dtype == np.float32
-        assert out[0] == fingerprint_ref(np.asarray(mean, np.float32), np.asarray(invstd, np.float32),
-                                         np.float32(count), int(modulus))
-        assert 0 <= out[0] < modulus
-        return float(out[0])
+    def tag(invstd):
+        got = fingerprint_of(fingerprint, invstd, modulus)
+        assert got == fingerprint_ref(invstd, int(modulus)), (invstd, got)
+        assert 0 <= got < modulus
+        return got
 
     seen = set()
     for _ in range(40):
         channels = int(rng.integers(1, 70))
-        mean = rng.normal(size=channels) * 10.0 ** rng.integers(-3, 4)
-        invstd = rng.uniform(0.01, 300, channels)
-        seen.add(tag(mean, invstd, float(rng.integers(0, 10 ** 6))))
+        seen.add(tag(rng.uniform(0.01, 300, channels)))
     if modulus > 1000:
         assert len(seen) >= 38, len(seen)  # 40 random statistics: ~0.1-0.2 collisions
-    for mean, invstd, count in FINGERPRINT_CASES:
-        tag(mean, invstd, count)
+    for invstd in FINGERPRINT_CASES:
+        tag(invstd)
+
+
+def test_fingerprint_cpu_kernel_and_composite_agree(kernels):
+    """The two forms of the contract give the same integer on the same invstd (every rank of a
+    mixed job would pair them)."""
+    rng = np.random.default_rng(43)
+    composite = CompositeFingerprint()
+    cases = [rng.uniform(0.01, 300, int(rng.integers(1, 300))) * 10.0 ** rng.integers(-3, 4)
+             for _ in range(30)] + FINGERPRINT_CASES
+    for invstd in cases:
+        assert fingerprint_of(kernels.fingerprint, invstd, 8191.0) == \
+            fingerprint_of(composite, invstd, 8191.0), invstd
+
+
+def test_fingerprint_depends_on_invstd_only_to_a_2_to_the_minus_12_step(kernels):
+    """Statistics that differ by 2^-12 in one channel's invstd (below 2^14 / 2^12 = 4) get
+    different tags: a mispaired layer of the same width is caught unless its invstd agrees
+    to that resolution on every channel (modulo the hash)."""
+    invstd = np.array([1.0, 2.5, 0.75], np.float32)
+    moved = invstd.copy()
+    moved[1] += np.float32(2.0 ** -12)
+    assert fingerprint_of(kernels.fingerprint, invstd, 8191.0) == \
+        (fingerprint_of(kernels.fingerprint, moved, 8191.0) - 1.0) % 8191.0
 
 
 def test_fingerprint_rejects_a_malformed_call(kernels):
     c, one = ms.Tensor(np.ones(3, np.float32)), ms.Tensor(np.ones(1, np.float32))
-    with pytest.raises(RuntimeError, match=r"is 1\b"):  # invstd of the wrong length
-        kernels.fingerprint(c, ms.Tensor(np.ones(4, np.float32)), one, one).asnumpy()
+    with pytest.raises(RuntimeError, match=r"is 1\b"):  # modulus of the wrong length
+        kernels.fingerprint(c, ms.Tensor(np.ones(2, np.float32))).asnumpy()
     with pytest.raises(RuntimeError, match=r"is 1\b"):  # modulus 0: no integer in [0, 0)
-        kernels.fingerprint(c, c, one, ms.Tensor(np.zeros(1, np.float32))).asnumpy()
+        kernels.fingerprint(c, ms.Tensor(np.zeros(1, np.float32))).asnumpy()
+    with pytest.raises(RuntimeError, match=r"is 1\b"):  # invstd not 1-D
+        kernels.fingerprint(ms.Tensor(np.ones((3, 1), np.float32)), one).asnumpy()

@@ -78,7 +78,7 @@ GUARD_MISPAIRED = 4.0  # a backward all-reduce was paired with another layer's
 GUARD_CODES = (GUARD_SINGLE_VALUE, GUARD_CHANNELS_DIFFER, GUARD_MISPAIRED)
 
 # The fingerprint's hash (the contract of the ``fingerprint`` kernel): the bits of each
-# statistic that enter it are value * 2**12 modulo 2**14, summed over [mean | invstd | count]
+# statistic that enter it are value * 2**12 modulo 2**14, summed over the C values of invstd
 # and taken modulo the modulus.
 FINGERPRINT_SCALE = 2.0 ** 12
 FINGERPRINT_WRAP = 2.0 ** 14

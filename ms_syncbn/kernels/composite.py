@@ -79,14 +79,13 @@ class Guard(nn.Cell):
 
 
 class Fingerprint(nn.Cell):
-    """mean, invstd (C,), count (1,), modulus (1,) float32 -> (1,) float32, an integer in
-    [0, modulus).
+    """invstd (C,), modulus (1,) float32 -> (1,) float32, an integer in [0, modulus).
 
     See ``Fingerprint`` in ops/cpu/syncbn_cpu.cc for the contract. Every step is exact or
     correctly rounded IEEE arithmetic, and the sum is over integers (exact in any order), so
     every rank, holding the same all-reduced statistics bit for bit, gets the same integer.
-    NaN and Inf count as 0. Eight kernels (Concat, Muls, NanToNum, FloorMod, Cast, ReduceSum,
-    FloorMod, Cast), where the contract before this one took some twenty.
+    NaN and Inf count as 0. Seven kernels (Muls, NanToNum, FloorMod, Cast, ReduceSum,
+    FloorMod, Cast).
     """
 
     # Read through self: mindspore.amp's O1 regenerates a cell's code in another module,
@@ -94,8 +93,8 @@ class Fingerprint(nn.Cell):
     scale = FINGERPRINT_SCALE
     wrap = FINGERPRINT_WRAP
 
-    def construct(self, mean, invstd, count, modulus):
-        values = ops.nan_to_num(ops.cat((mean, invstd, count)) * self.scale, 0.0, 0.0, 0.0)  # (2C+1,)
+    def construct(self, invstd, modulus):
+        values = ops.nan_to_num(invstd * self.scale, 0.0, 0.0, 0.0)  # (C,)
         bits = ops.floor_mod(values, self.wrap).astype(ms.int32)  # [0, 2^14] (-tiny rounds to 2^14)
         digest = ops.floor_mod(bits.sum(keepdims=True), modulus.astype(ms.int64))  # (1,) int64
         return digest.astype(ms.float32)

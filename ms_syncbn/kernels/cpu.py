@@ -122,7 +122,6 @@ def cpu_kernels() -> BatchNormKernels:
         update_stats=_UpdateStats(),
         # values (M,) f32, code (1,) f32, text -> values, or a RuntimeError carrying the code
         guard=_custom("Guard", ("values", "code", "text"), lambda values, code, text: values),
-        # mean, invstd (C,), count (1,), modulus (1,) -> (1,) f32
-        fingerprint=_custom("Fingerprint", ("mean", "invstd", "count", "modulus"),
-                            lambda m, s, n, q: ms.float32),
+        # invstd (C,), modulus (1,) -> (1,) f32
+        fingerprint=_custom("Fingerprint", ("invstd", "modulus"), lambda s, q: ms.float32),
     )

@@ -404,49 +404,43 @@ MSSBN_INFER_SHAPES(UpdateStats) {
   return mssbn::Shapes{channels, channels, channels, {1}};
 }
 
-// Fingerprint: mean (C,), invstd (C,), count (1,), modulus (1,), all float32
-//   -> (1,) float32, an integer in [0, modulus).
+// Fingerprint: invstd (C,), modulus (1,), both float32 -> (1,) float32, an
+// integer in [0, modulus).
 // Names one application of a layer in one step identically on every rank of the
 // group (the statistics are all-reduced, so every rank holds them bit for bit),
-// in one call. Over the 2C+1 values v_i of [mean | invstd | count], in float32
-// then integers (the same arithmetic as the composite form,
-// ms_syncbn.kernels.composite.Fingerprint, written for few Ascend kernels):
+// in one call. Over the C values v_i of invstd, in float32 then integers (the
+// same arithmetic as the composite form, ms_syncbn.kernels.composite.Fingerprint,
+// written for few Ascend kernels):
 //   s_i = v_i * 2^12, or 0 if that is not finite
 //   b_i = int(s_i - 2^14 * floor(s_i * 2^-14))   (s_i mod 2^14 in [0, 2^14], truncated)
 //   fingerprint = (sum_i b_i) mod modulus
 // Every float32 step is exact (products by powers of two, an integer multiple of
 // 2^14 subtracted from a float32 of the same magnitude) but the first, which is
-// correctly rounded; the sum stays below 2^31 while C < 65535. modulus must be an
+// correctly rounded; the sum stays below 2^31 while C < 131072. modulus must be an
 // integer in [1, 2^24) (the caller keeps group size * modulus < 2^24, so the
 // all-reduced sum of W equal fingerprints is exact in float32).
 extern "C" int Fingerprint(int nparam, void **params, int *ndims, int64_t **shapes,
                            const char **dtypes, void *, void *) {
-  if (nparam != 5 || !all_1d_float32(5, ndims, dtypes)) return 1;
+  if (nparam != 3 || !all_1d_float32(3, ndims, dtypes)) return 1;
   const int64_t channels = shapes[0][0];
-  if (shapes[1][0] != channels || shapes[2][0] != 1 || shapes[3][0] != 1 || shapes[4][0] != 1)
-    return 1;
-  const float modulus_value = *static_cast<const float *>(params[3]);
+  if (shapes[1][0] != 1 || shapes[2][0] != 1) return 1;
+  const float modulus_value = *static_cast<const float *>(params[1]);
   if (!(modulus_value >= 1.0f && modulus_value < 16777216.0f) ||
       modulus_value != std::floor(modulus_value))
     return 1;
   const int64_t modulus = static_cast<int64_t>(modulus_value);
-  const float *parts[3] = {static_cast<const float *>(params[0]),
-                           static_cast<const float *>(params[1]),
-                           static_cast<const float *>(params[2])};
-  const int64_t lengths[3] = {channels, channels, 1};
+  const float *invstd = static_cast<const float *>(params[0]);
   int64_t digest = 0;
-  for (int part = 0; part < 3; ++part) {
-    for (int64_t j = 0; j < lengths[part]; ++j) {
-      float scaled = parts[part][j] * 4096.0f;
-      if (!std::isfinite(scaled)) scaled = 0.0f;
-      const float wrapped = scaled - 16384.0f * std::floor(scaled * (1.0f / 16384.0f));
-      digest += static_cast<int64_t>(wrapped);
-    }
+  for (int64_t j = 0; j < channels; ++j) {
+    float scaled = invstd[j] * 4096.0f;
+    if (!std::isfinite(scaled)) scaled = 0.0f;
+    const float wrapped = scaled - 16384.0f * std::floor(scaled * (1.0f / 16384.0f));
+    digest += static_cast<int64_t>(wrapped);
   }
-  *static_cast<float *>(params[4]) = static_cast<float>(digest % modulus);
+  *static_cast<float *>(params[2]) = static_cast<float>(digest % modulus);
   return 0;
 }
-// mean, invstd, count, modulus -> (1,)
+// invstd, modulus -> (1,)
 MSSBN_INFER_SHAPE(Fingerprint) { return mssbn::Shape{1}; }
 
 // Stops the step with guard code `code`: writes the error to stderr and throws a
