@@ -32,6 +32,7 @@ from mindspore import nn, ops
 
 from ms_syncbn.kernels import (GUARD_CHANNELS_DIFFER, GUARD_CODES, GUARD_MEANINGS, GUARD_MISPAIRED,
                                GUARD_SINGLE_VALUE, guard_message, guard_text)
+from ms_syncbn.kernels.composite import CheckPairing as CompositeCheckPairing
 from ms_syncbn.kernels.composite import FinalizeStats as CompositeFinalizeStats
 from ms_syncbn.kernels.composite import Fingerprint as CompositeFingerprint
 from ms_syncbn.kernels.composite import Guard as CompositeGuard, UpdateStats as CompositeUpdateStats
@@ -931,3 +932,71 @@ def test_fingerprint_rejects_a_malformed_call(kernels):
         kernels.fingerprint(c, ms.Tensor(np.zeros(1, np.float32))).asnumpy()
     with pytest.raises(RuntimeError, match=r"is 1\b"):  # invstd not 1-D
         kernels.fingerprint(ms.Tensor(np.ones((3, 1), np.float32)), one).asnumpy()
+
+
+# ------------------------------------------------------------------------ check_pairing --
+
+def pairing_args(values, reduced_tag, tag, group_size, where="'net.block.bn' SyncBatchNorm(num_features=3)"):
+    as_tensor = lambda v: ms.Tensor(np.asarray(v, np.float32).reshape(-1))
+    return (as_tensor(values), as_tensor(reduced_tag), as_tensor(tag), as_tensor(group_size),
+            as_tensor(GUARD_MISPAIRED), ms.Tensor(guard_text(where)))
+
+
+# (reduced tag, tag, group size): what each rank's slot sums to when the layers pair up
+PAIRED = [(4095.0 * 8, 4095.0, 8.0), (0.0, 0.0, 2.0), (17.0, 17.0, 1.0), (8190.0 * 2047, 8190.0, 2047.0)]
+# ... and when some rank's slot held another layer's tag (or the sum is not a number)
+MISPAIRED = [(4095.0 + 12.0, 4095.0, 2.0), (1.0, 0.0, 2.0), (np.nan, 3.0, 2.0), (np.inf, 3.0, 2.0),
+             (17.0 * 3 + 1, 17.0, 3.0)]
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+@pytest.mark.parametrize("implementation", ["cpu_kernel", "composite"])
+def test_check_pairing_passes_values_through_when_the_tags_add_up(kernels, implementation, mode):
+    class Checked(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.check = kernels.check_pairing if implementation == "cpu_kernel" else CompositeCheckPairing()
+
+        def construct(self, values, reduced_tag, tag, group_size, code, text):
+            return self.check(values, reduced_tag, tag, group_size, code, text) * 2.0
+
+    values = np.random.default_rng(47).normal(size=9).astype(np.float32)
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    try:
+        net = Checked()
+        for reduced_tag, tag, group_size in PAIRED:
+            assert np.float32(reduced_tag) == np.float32(tag) * np.float32(group_size)  # the case's premise
+            out = net(*pairing_args(values, reduced_tag, tag, group_size)).asnumpy()
+            np.testing.assert_array_equal(out, values * np.float32(2.0))
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+@pytest.mark.parametrize("reduced_tag, tag, group_size", MISPAIRED)
+def test_check_pairing_raises_naming_the_layer_and_the_mispaired_meaning(kernels, reduced_tag, tag,
+                                                                        group_size, capfd):
+    where = "'net.block.bn' SyncBatchNorm(num_features=3) on process group 'g' of 2 ranks"
+    with pytest.raises(RuntimeError) as info:
+        kernels.check_pairing(*pairing_args(np.ones(5), reduced_tag, tag, group_size, where)).asnumpy()
+    message = (f"ms_syncbn SyncBatchNorm error 4 in layer {where}: "
+               f"{GUARD_MEANINGS[GUARD_MISPAIRED]}.")
+    assert message == guard_message(GUARD_MISPAIRED, where)
+    assert message in str(info.value), str(info.value)
+    assert message in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("reduced_tag, tag, group_size", MISPAIRED)
+def test_composite_check_pairing_poisons_instead_of_branching(reduced_tag, tag, group_size):
+    out = CompositeCheckPairing()(*pairing_args(np.arange(5), reduced_tag, tag, group_size)).asnumpy()
+    assert out.shape == (5,) and out.dtype == np.float32 and np.isnan(out).all(), out
+
+
+def test_check_pairing_rejects_a_malformed_call(kernels):
+    args = list(pairing_args(np.ones(3), 8.0, 4.0, 2.0))
+    args[2] = ms.Tensor(np.ones(2, np.float32))  # tag of the wrong length
+    with pytest.raises(RuntimeError, match=r"error 1: malformed call of the CheckPairing kernel"):
+        kernels.check_pairing(*args).asnumpy()
+    args = list(pairing_args(np.ones(3), 8.0, 4.0, 2.0))
+    args[0] = ms.Tensor(np.ones((3, 2), np.float32))  # values not 1-D
+    with pytest.raises(RuntimeError, match=r"error 1: malformed call of the CheckPairing kernel"):
+        kernels.check_pairing(*args).asnumpy()

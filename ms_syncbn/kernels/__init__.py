@@ -142,6 +142,7 @@ class BatchNormKernels(NamedTuple):
     update_stats: Any
     guard: Any
     fingerprint: Any
+    check_pairing: Any
     local_moments: Any = None  # optional: see the module docstring
 
 

@@ -35,7 +35,7 @@ from mindspore import nn, ops
 from mindspore.ops import auto_generate as native
 
 from ms_syncbn.kernels import BatchNormKernels
-from ms_syncbn.kernels.composite import FinalizeStats, Fingerprint, Guard, UpdateStats
+from ms_syncbn.kernels.composite import CheckPairing, FinalizeStats, Fingerprint, Guard, UpdateStats
 
 # The one switch of the backward reduction (README, "How dtypes are routed on Ascend"):
 # "centred" (default) hands BatchNormReduceGrad x - mean in float32, one more pass over the
@@ -269,4 +269,5 @@ def ascend_kernels() -> BatchNormKernels:
                             backward_reduce=_BackwardReduce(centred_backward_reduce()),
                             backward_elemt=_BackwardElemt(),
                             finalize_stats=FinalizeStats(), update_stats=UpdateStats(),
-                            guard=Guard(), fingerprint=Fingerprint(), local_moments=_LocalMoments())
+                            guard=Guard(), fingerprint=Fingerprint(), check_pairing=CheckPairing(),
+                            local_moments=_LocalMoments())

@@ -78,6 +78,21 @@ class Guard(nn.Cell):
         return ops.masked_fill(ops.depend(values, text), code != 0.0, float("nan"))  # (M,), (1,) -> (M,)
 
 
+class CheckPairing(nn.Cell):
+    """values (M,), reduced_tag (1,), tag (1,), group_size (1,), code (1,), text (T,) float32
+    -> values (M,) float32: `values` where reduced_tag == tag * group_size, NaN everywhere
+    otherwise. Three kernels (Muls, NotEqual, MaskedFill); `code` and `text` are unused.
+
+    The backward's layer-identity check without a branch (see ``Guard``): a mispaired step's
+    gradients are NaN. ``CheckPairing`` in ops/cpu/syncbn_cpu.cc states the contract (there the
+    step stops with error `code`, naming the layer).
+    """
+
+    def construct(self, values, reduced_tag, tag, group_size, code, text):
+        return ops.masked_fill(ops.depend(values, text), reduced_tag != tag * group_size,
+                               float("nan"))  # (M,), (1,) -> (M,)
+
+
 class Fingerprint(nn.Cell):
     """invstd (C,), modulus (1,) float32 -> (1,) float32, an integer in [0, modulus).
 

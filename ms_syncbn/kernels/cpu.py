@@ -122,6 +122,11 @@ def cpu_kernels() -> BatchNormKernels:
         update_stats=_UpdateStats(),
         # values (M,) f32, code (1,) f32, text -> values, or a RuntimeError carrying the code
         guard=_custom("Guard", ("values", "code", "text"), lambda values, code, text: values),
+        # values (M,), reduced_tag, tag, group_size, code (1,), text (T,) f32 -> values, or a
+        # RuntimeError carrying the code when reduced_tag != tag * group_size
+        check_pairing=_custom("CheckPairing", ("values", "reduced_tag", "tag", "group_size", "code",
+                                               "text"),
+                              lambda values, r, t, g, k, text: values),
         # invstd (C,), modulus (1,) -> (1,) f32
         fingerprint=_custom("Fingerprint", ("invstd", "modulus"), lambda s, q: ms.float32),
     )

@@ -503,6 +503,37 @@ extern "C" int Guard(int nparam, void **params, int *ndims, int64_t **shapes,
 // values (M,), code (1,), text (T,) -> values
 MSSBN_INFER_SHAPE(Guard) { return mssbn::input_shape(ndims, shapes, 0); }
 
+// CheckPairing: values (M,), reduced_tag (1,), tag (1,), group size (1,),
+// code (1,), text (T,), all float32 -> values (M,) float32.
+// The backward's layer-identity check, in one call after the all-reduce: every
+// rank put its layer's tag (the fingerprint, an integer) in the payload, so the
+// all-reduced slot is tag * group size exactly when every rank's collective
+// belonged to the same layer application (integers below 2^24: exact float32).
+//   reduced_tag == tag * group size (float32 product):  values' = values (a copy)
+//   otherwise (NaN included): the step stops with error `code` (the caller passes
+//     GUARD_MISPAIRED), exactly as Guard stops for that code (stop_step: the
+//     message names the layer, text entry 0, and says what the code means, text
+//     entry `code`); the output is then not written.
+// A malformed call stops with error 1 ("malformed call of the CheckPairing kernel").
+// The composite form: ms_syncbn.kernels.composite.CheckPairing (NaN instead of stopping).
+extern "C" int CheckPairing(int nparam, void **params, int *ndims, int64_t **shapes,
+                            const char **dtypes, void *, void *) {
+  bool well_formed = nparam == 7 && all_1d_float32(7, ndims, dtypes) && shapes[6][0] == shapes[0][0];
+  for (int i = 1; well_formed && i < 5; ++i) well_formed = shapes[i][0] == 1;
+  if (!well_formed) stop_step(1.0f, nullptr, 0, "CheckPairing");
+  const float reduced_tag = *static_cast<const float *>(params[1]);
+  const float tag = *static_cast<const float *>(params[2]);
+  const float group_size = *static_cast<const float *>(params[3]);
+  if (reduced_tag == tag * group_size) {
+    std::memcpy(params[6], params[0], static_cast<size_t>(shapes[0][0]) * sizeof(float));
+    return 0;
+  }
+  stop_step(*static_cast<const float *>(params[4]), static_cast<const float *>(params[5]),
+            shapes[5][0], "CheckPairing");
+}
+// values (M,), reduced_tag, tag, group size, code (1,), text (T,) -> values
+MSSBN_INFER_SHAPE(CheckPairing) { return mssbn::input_shape(ndims, shapes, 0); }
+
 #else  // MSSBN_ISA
 // ======================== part 2: the kernels, for one instruction set ===
 namespace mssbn {
