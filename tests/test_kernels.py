@@ -717,55 +717,95 @@ def test_composite_guard_poisons_instead_of_branching(mode):
 
 # ------------------------------------------------------------------------- update_stats --
 
-def update_stats_ref(mean, var, count, kept, shift, running_mean, running_var, factor):
-    """float64 evaluation of the UpdateStats contract (ops/cpu/syncbn_cpu.cc)."""
-    updated = kept != 0.0 and count > 0.0
-    change = updated & np.isfinite(mean) & np.isfinite(var)
-    with np.errstate(invalid="ignore"):  # inf * 0 in channels that do not change
-        unbiased = var * count / max(count - 1.0, 1.0)
-    return (np.where(change, mean, shift),
-            np.where(change, (1 - factor) * running_mean + factor * mean, running_mean),
-            np.where(change, (1 - factor) * running_var + factor * unbiased, running_var),
-            float(updated))
+def update_stats_ref(mean, var, shift, running_mean, running_var, factor):
+    """NumPy float32 evaluation of the UpdateStats contract (ops/cpu/syncbn_cpu.cc): channels
+    with a finite (unbiased) var move, by lerp(a, b, w) = a + w * (b - a) in float32."""
+    mean, var, shift, running_mean, running_var = (np.asarray(v, np.float32) for v in
+                                                   (mean, var, shift, running_mean, running_var))
+    w = np.float32(factor)
+    change = np.isfinite(var)
+    with np.errstate(invalid="ignore", over="ignore"):  # channels that do not change
+        new_mean = running_mean + w * (mean - running_mean)
+        new_var = running_var + w * (var - running_var)
+    return (np.where(change, mean, shift), np.where(change, new_mean, running_mean),
+            np.where(change, new_var, running_var))
 
 
-@pytest.mark.parametrize("count, code", [(37.0, 0.0), (1.0, 0.0), (2.0, 0.0), (0.0, 0.0),
-                                         (37.0, GUARD_SINGLE_VALUE), (37.0, GUARD_CHANNELS_DIFFER)])
-@pytest.mark.parametrize("implementation", ["cpu_kernel", "composite"])
-def test_update_stats(kernels, implementation, count, code):
-    kept = float(code == 0.0)
-    rng = np.random.default_rng(int(count) * 10 + int(kept))
-    channels = 7
+def update_stats_inputs(rng, channels, stopped=False):
+    """mean, unbiased var, shift, running_mean, running_var (C,) float32 as the protocols give
+    them: var non-finite wherever the step must not change a channel (mean non-finite there too
+    in some channels), or on every channel of a stopped step."""
     mean = rng.normal(3.0, 2.0, channels).astype(np.float32)
     var = rng.uniform(0.1, 4.0, channels).astype(np.float32)
-    mean[2], var[4], mean[5], var[6] = np.nan, np.inf, -np.inf, np.nan  # channels that must not move
+    mean[2], var[2] = np.nan, np.nan  # a NaN channel
+    var[4] = np.inf  # an overflowing channel
+    mean[5], var[5] = -np.inf, np.nan
+    var[6] = -np.inf
+    if stopped:
+        var[:] = np.nan
     shift, running_mean = (rng.normal(size=channels).astype(np.float32) for _ in range(2))
     running_var = rng.uniform(0.5, 2.0, channels).astype(np.float32)
-    factor = np.float32(0.1)
-    update = kernels.update_stats if implementation == "cpu_kernel" else CompositeUpdateStats()
+    return mean, var, shift, running_mean, running_var
+
+
+def call_update(update, mean, var, shift, running_mean, running_var, factor):
     outs = update(*(ms.Tensor(np.asarray(v, np.float32).reshape(-1)) for v in
-                    (mean, var, count, code, shift, running_mean, running_var, factor)))
-    assert [o.shape for o in outs] == [(channels,)] * 3 + [()], [o.shape for o in outs]
-    assert [o.dtype for o in outs] == [ms.float32] * 3 + [ms.int64]
-    out = np.concatenate([o.asnumpy().reshape(-1).astype(np.float32) for o in outs])
-    f64 = [np.asarray(v, np.float64) for v in (mean, var, count, kept, shift, running_mean,
-                                                 running_var, factor)]
-    ref_shift, ref_mean, ref_var, ref_updated = update_stats_ref(*f64)
-    for got, ref in ((out[:channels], ref_shift), (out[channels:2 * channels], ref_mean),
-                     (out[2 * channels:3 * channels], ref_var)):
-        # float32: a few roundings of terms of size ~|running| + |mean|
-        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
-    assert out[-1] == ref_updated
-    for c in (2, 4, 5, 6):  # non-finite statistics: state unchanged bit for bit
-        assert out[c] == shift[c] and out[channels + c] == running_mean[c]
-        assert out[2 * channels + c] == running_var[c]
+                    (mean, var, shift, running_mean, running_var, factor)))
+    channels = len(mean)
+    assert [o.shape for o in outs] == [(channels,)] * 3, [o.shape for o in outs]
+    assert [o.dtype for o in outs] == [ms.float32] * 3
+    return [o.asnumpy() for o in outs]
+
+
+@pytest.mark.parametrize("factor", [0.1, 0.7, 1.0, 0.0])
+@pytest.mark.parametrize("stopped", [False, True], ids=["kept", "stopped"])
+@pytest.mark.parametrize("implementation", ["cpu_kernel", "composite"])
+def test_update_stats(kernels, implementation, stopped, factor):
+    rng = np.random.default_rng(seed("update", stopped, factor))
+    channels = 9
+    inputs = update_stats_inputs(rng, channels, stopped)
+    update = kernels.update_stats if implementation == "cpu_kernel" else CompositeUpdateStats()
+    got = call_update(update, *inputs, factor)
+    for name, out, ref in zip(("shift", "running_mean", "running_var"), got,
+                              update_stats_ref(*inputs, factor)):
+        np.testing.assert_array_equal(out, ref, err_msg=name)  # float32 lerp: bit for bit
+    mean, var, shift, running_mean, running_var = inputs
+    kept = [c for c in range(channels) if c not in (2, 4, 5, 6)] if not stopped else []
+    for c in range(channels):
+        if c in kept:  # a moving average between the old state and the batch statistics
+            lo, hi = sorted((running_var[c], var[c]))
+            assert lo <= got[2][c] <= hi and got[0][c] == mean[c]
+        else:  # non-finite var: state unchanged bit for bit
+            assert got[0][c] == shift[c] and got[1][c] == running_mean[c]
+            assert got[2][c] == running_var[c]
+    # float64 sanity of the float32 lerp on the channels that move
+    w = np.float32(factor)
+    with np.errstate(invalid="ignore"):  # 0 * inf in channels that do not change
+        ref64 = running_var.astype(np.float64) + float(w) * (var.astype(np.float64) - running_var)
+    np.testing.assert_allclose(got[2][kept], ref64[kept], rtol=1e-6)
+
+
+def test_update_stats_cpu_kernel_and_composite_agree(kernels):
+    """The two forms give the same state bit for bit, on random statistics of many widths."""
+    rng = np.random.default_rng(53)
+    composite = CompositeUpdateStats()
+    for _ in range(20):
+        channels = int(rng.integers(7, 200))
+        inputs = list(update_stats_inputs(rng, channels, stopped=False))
+        inputs[1][rng.random(channels) < 0.1] = np.nan
+        factor = float(rng.choice([0.1, 0.01, 0.5, 0.9, rng.uniform()]))
+        for a, b in zip(call_update(kernels.update_stats, *inputs, factor),
+                        call_update(composite, *inputs, factor)):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_update_stats_rejects_a_malformed_call(kernels):
     c = ms.Tensor(np.ones(3, np.float32))
     one = ms.Tensor(np.ones(1, np.float32))
     with pytest.raises(RuntimeError, match=r"is 1\b"):  # running_var of the wrong length
-        kernels.update_stats(c, c, one, one, c, c, ms.Tensor(np.ones(4, np.float32)), one)[0].asnumpy()
+        kernels.update_stats(c, c, c, c, ms.Tensor(np.ones(4, np.float32)), one)[0].asnumpy()
+    with pytest.raises(RuntimeError, match=r"is 1\b"):  # factor of the wrong length
+        kernels.update_stats(c, c, c, c, c, c)[0].asnumpy()
 
 
 # ----------------------------------------------------------------------- finalize_stats --

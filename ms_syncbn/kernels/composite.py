@@ -37,29 +37,20 @@ class FinalizeStats(nn.Cell):
 
 
 class UpdateStats(nn.Cell):
-    """mean, var (C,), count (1,), code (1,), shift, running_mean, running_var (C,), factor (1,)
-    -> shift', running_mean', running_var' (C,) float32, increment () int64.
+    """mean, var (C,), shift, running_mean, running_var (C,), factor (1,)
+    -> shift', running_mean', running_var' (C,) float32.
 
-    See ``UpdateStats`` in ops/cpu/syncbn_cpu.cc for the contract.
-    Written for few kernels (each one is a launch on Ascend): the decision is one (1,)
-    flag and one (C,) mask, the moving averages are Lerp (running + factor * (batch -
-    running), the same value up to one rounding), and an output the caller does not use
-    (the Ascend layer never reads the shift) is pruned by the compiler.
+    See ``UpdateStats`` in ops/cpu/syncbn_cpu.cc for the contract: `var` is the unbiased
+    variance, non-finite on every channel that must not change. Six kernels (IsFinite,
+    Lerp, Select, Lerp, Select, Select); an output the caller does not use (the Ascend
+    layer never reads the shift) is pruned by the compiler.
     """
 
-    # Read through self: mindspore.amp's O1 regenerates a cell's code in another module.
-    code_weight = 2.0 ** 60
-
-    def construct(self, mean, var, count, code, shift, running_mean, running_var, factor):
-        fewer = count - 1.0  # (1,)
-        # (1,) the step is kept (code 0) and N > 0; codes are >= 0 and N < 2^60
-        updated = fewer >= code * self.code_weight
-        change = ops.logical_and(ops.isfinite(mean + var), updated)  # (C,) and finite statistics
-        unbiased = var * (count / ops.maximum(fewer, 1.0))
+    def construct(self, mean, var, shift, running_mean, running_var, factor):
+        change = ops.isfinite(var)  # (C,)
         return (ops.select(change, mean, shift),
                 ops.select(change, ops.lerp(running_mean, mean, factor), running_mean),
-                ops.select(change, ops.lerp(running_var, unbiased, factor), running_var),
-                updated.astype(ms.int64).reshape(()))
+                ops.select(change, ops.lerp(running_var, var, factor), running_var))
 
 
 class Guard(nn.Cell):

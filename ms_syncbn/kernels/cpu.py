@@ -21,7 +21,6 @@ from mindspore import ops
 from mindspore.ops import CustomRegOp, DataType
 
 from ms_syncbn.kernels import BatchNormKernels
-from ms_syncbn.precision import Float32Cell
 
 _LIBRARY_GLOB = "_cpu_kernels*.so"
 
@@ -72,27 +71,8 @@ def _custom(symbol: str, inputs, out_dtype, outputs=("output",)) -> _SharedCusto
                          func_type="aot", reg_info=info)
 
 
-# The adapters below are Float32Cells: amp's custom_mixed_precision sets its float16 flag on
-# every cell not in its black list, one by one, and these kernels take float32 only.
-
-
-class _UpdateStats(Float32Cell):
-    """The update_stats contract over the ``UpdateStats`` kernel, whose `updated` is float32 (1,)."""
-
-    def __init__(self):
-        super().__init__()
-        # mean, var, count, code, shift, running_mean, running_var, factor
-        #   -> shift', running_mean', running_var' (C,), updated (1,) f32
-        self.update_stats = _custom(
-            "UpdateStats", ("mean", "var", "count", "code", "shift", "running_mean", "running_var",
-                            "factor"),
-            lambda m, v, n, k, s, rm, rv, f: (ms.float32,) * 4,
-            outputs=("shift", "running_mean", "running_var", "updated"))
-
-    def construct(self, mean, var, count, code, shift, running_mean, running_var, factor):
-        new_shift, new_mean, new_var, updated = self.update_stats(mean, var, count, code, shift,
-                                                            running_mean, running_var, factor)
-        return new_shift, new_mean, new_var, updated.astype(ms.int64).reshape(())
+# No adapters: every entry of the table is a kernel primitive, called as the contract says
+# (no Concat, slicing, Mul or cast around it), so a layer step costs one kernel per entry.
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,9 +97,12 @@ def cpu_kernels() -> BatchNormKernels:
         finalize_stats=_custom("FinalizeStats", ("sums", "params"),
                                lambda sums, p: (ms.float32,) * 6,
                                outputs=("mean", "invstd", "var", "code", "count", "reshift")),
-        # mean, var, count, code, shift, running_mean, running_var, factor
-        #   -> shift', running_mean', running_var' (C,) f32, increment () int64
-        update_stats=_UpdateStats(),
+        # mean, var (unbiased), shift, running_mean, running_var (C,), factor (1,)
+        #   -> shift', running_mean', running_var' (C,) f32
+        update_stats=_custom("UpdateStats", ("mean", "var", "shift", "running_mean", "running_var",
+                                             "factor"),
+                             lambda m, v, s, rm, rv, f: (ms.float32,) * 3,
+                             outputs=("shift", "running_mean", "running_var")),
         # values (M,) f32, code (1,) f32, text -> values, or a RuntimeError carrying the code
         guard=_custom("Guard", ("values", "code", "text"), lambda values, code, text: values),
         # values (M,), reduced_tag, tag, group_size, code (1,), text (T,) f32 -> values, or a

@@ -351,57 +351,50 @@ MSSBN_INFER_SHAPES(FinalizeStats) {
   return mssbn::Shapes{{channels}, {channels}, {channels}, {1}, {1}, {1}};
 }
 
-// UpdateStats: mean, var (C,), count (1,), code (1,), shift, running_mean,
-// running_var (C,), factor (1,), all float32
-//   -> shift', running_mean', running_var' (C,), updated (1,), all float32.
-// The layer's state after one training step, in one call instead of two dozen
-// tiny operators, each output a tensor of its own. `mean` and the biased `var`
-// are the group's statistics over `count` values; `code` is the step's guard code
-// (0: the step may change the state; any other: it is about to stop on an
-// error). updated = code is 0 and count > 0. Channel c changes only if updated and
-// mean[c], var[c] are finite (NaN or Inf in a batch must not reach later steps):
-//   shift'[c]        = mean[c]
-//   running_mean'[c] = (1 - factor) * running_mean[c] + factor * mean[c]
-//   running_var'[c]  = (1 - factor) * running_var[c]
-//                      + factor * var[c] * count / max(count - 1, 1)   (unbiased)
-// otherwise it keeps its value. Float32 arithmetic, as the composite form of
-// the same contract (ms_syncbn.kernels.composite).
+// UpdateStats: mean, var, shift, running_mean, running_var (C,), factor (1,),
+// all float32 -> shift', running_mean', running_var' (C,), all float32.
+// The layer's state after one training step, in one call, each output a tensor
+// of its own. `mean` and `var` are the group's statistics, `var` the UNBIASED
+// variance (Bessel's correction is the caller's: finalize_stats gives it), and
+// non-finite on every channel of a step that must not change the state (a
+// stopped step, fewer than 2 values per channel) and wherever mean is not
+// finite: so one test decides. Per channel, with change = isfinite(var[c]):
+//   shift'[c]        = change ? mean[c]                                 : shift[c]
+//   running_mean'[c] = change ? lerp(running_mean[c], mean[c], factor) : running_mean[c]
+//   running_var'[c]  = change ? lerp(running_var[c], var[c], factor)   : running_var[c]
+// with lerp(a, b, w) = a + w * (b - a) in float32, as ops.lerp computes it (the
+// composite form, ms_syncbn.kernels.composite.UpdateStats, is bit for bit the
+// same where no FMA contracts the product and the sum: this part of the file is
+// compiled without an FMA target on x86-64).
 extern "C" int UpdateStats(int nparam, void **params, int *ndims, int64_t **shapes,
                            const char **dtypes, void *, void *) {
-  if (nparam != 12 || !all_1d_float32(12, ndims, dtypes)) return 1;
+  if (nparam != 9 || !all_1d_float32(9, ndims, dtypes)) return 1;
   const int64_t channels = shapes[0][0];
-  const int per_channel[] = {0, 1, 4, 5, 6, 8, 9, 10};
+  const int per_channel[] = {0, 1, 2, 3, 4, 6, 7, 8};
   for (int i : per_channel)
     if (shapes[i][0] != channels) return 1;
-  if (shapes[2][0] != 1 || shapes[3][0] != 1 || shapes[7][0] != 1 || shapes[11][0] != 1)
-    return 1;
+  if (shapes[5][0] != 1) return 1;
   const float *mean = static_cast<const float *>(params[0]);
   const float *var = static_cast<const float *>(params[1]);
-  const float count = *static_cast<const float *>(params[2]);
-  const float code = *static_cast<const float *>(params[3]);
-  const float *shift = static_cast<const float *>(params[4]);
-  const float *running_mean = static_cast<const float *>(params[5]);
-  const float *running_var = static_cast<const float *>(params[6]);
-  const float factor = *static_cast<const float *>(params[7]);
-  float *shift_out = static_cast<float *>(params[8]);
-  float *mean_out = static_cast<float *>(params[9]);
-  float *var_out = static_cast<float *>(params[10]);
-  const bool updated = code == 0.0f && count > 0.0f;
-  const float unbias = count / std::max(count - 1.0f, 1.0f);
+  const float *shift = static_cast<const float *>(params[2]);
+  const float *running_mean = static_cast<const float *>(params[3]);
+  const float *running_var = static_cast<const float *>(params[4]);
+  const float factor = *static_cast<const float *>(params[5]);
+  float *shift_out = static_cast<float *>(params[6]);
+  float *mean_out = static_cast<float *>(params[7]);
+  float *var_out = static_cast<float *>(params[8]);
   for (int64_t c = 0; c < channels; ++c) {
-    const bool change = updated && std::isfinite(mean[c]) && std::isfinite(var[c]);
+    const bool change = std::isfinite(var[c]);
     shift_out[c] = change ? mean[c] : shift[c];
-    mean_out[c] = change ? (1.0f - factor) * running_mean[c] + factor * mean[c] : running_mean[c];
-    var_out[c] =
-        change ? (1.0f - factor) * running_var[c] + factor * (var[c] * unbias) : running_var[c];
+    mean_out[c] = change ? running_mean[c] + factor * (mean[c] - running_mean[c]) : running_mean[c];
+    var_out[c] = change ? running_var[c] + factor * (var[c] - running_var[c]) : running_var[c];
   }
-  *static_cast<float *>(params[11]) = updated ? 1.0f : 0.0f;
   return 0;
 }
-// mean (C,), ... -> (C,) x 3, (1,)
+// mean (C,), ... -> (C,) x 3
 MSSBN_INFER_SHAPES(UpdateStats) {
   const mssbn::Shape channels = mssbn::per_channel(ndims, shapes, 0, 0, 1, 0);
-  return mssbn::Shapes{channels, channels, channels, {1}};
+  return mssbn::Shapes{channels, channels, channels};
 }
 
 // Fingerprint: invstd (C,), modulus (1,), both float32 -> (1,) float32, an
