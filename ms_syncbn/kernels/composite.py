@@ -11,10 +11,12 @@ from ms_syncbn.kernels import FINGERPRINT_SCALE, FINGERPRINT_WRAP
 
 
 class FinalizeStats(nn.Cell):
-    """sums (3C+2,), params (6,) -> mean, invstd, var (C,), code, count, needs reshift (1,),
-    float32.
+    """sums (3C+2,), params (6,) -> mean, invstd, var (C,), code, count, needs reshift,
+    increment (1,), float32.
 
-    See ``FinalizeStats`` in ops/cpu/syncbn_cpu.cc for the contract.
+    See ``FinalizeStats`` in ops/cpu/syncbn_cpu.cc for the contract (`var` is the unbiased
+    variance, NaN where the state must not change; invstd is from the biased one). Float32
+    arithmetic: the kernel's values to a few roundings.
     """
 
     def construct(self, sums, params):
@@ -33,7 +35,15 @@ class FinalizeStats(nn.Cell):
                                   ops.logical_not(channels_differ))
         code = ops.select(channels_differ, params[4:5],
                           ops.select(count == 1.0, params[5:6], ops.zeros_like(count)))
-        return (mean, ops.rsqrt(var + eps), var, code, count, reshift.astype(ms.float32))
+        kept = code == 0.0  # (1,)
+        # (C,): the unbiased variance where it is defined, NaN elsewhere
+        defined = ops.logical_and(ops.logical_and(kept, count >= 2.0),
+                                  ops.logical_and(ops.isfinite(mean), ops.isfinite(var)))
+        unbiased = ops.masked_fill(var * (count / ops.maximum(count - 1.0, 1.0)),
+                                   ops.logical_not(defined), float("nan"))
+        increment = ops.logical_and(kept, count >= 1.0).astype(ms.float32)
+        return (mean, ops.rsqrt(var + eps), unbiased, code, count, reshift.astype(ms.float32),
+                increment)
 
 
 class UpdateStats(nn.Cell):

@@ -93,10 +93,12 @@ def cpu_kernels() -> BatchNormKernels:
         backward_elemt=_custom("BackwardElemt", ("dy", "x", "mean", "invstd", "weight", "sum_dy",
                                                  "sum_dy_xmu", "count"),
                                lambda dy, x, m, s, w, sdy, sdyx, n: x),
-        # sums (3C+2,), params (6,) -> mean, invstd, var (C,), code, count, needs reshift (1,) f32
+        # sums (3C+2,), params (6,) -> mean, invstd, var (unbiased) (C,), code, count,
+        #   needs reshift, increment (1,) f32
         finalize_stats=_custom("FinalizeStats", ("sums", "params"),
-                               lambda sums, p: (ms.float32,) * 6,
-                               outputs=("mean", "invstd", "var", "code", "count", "reshift")),
+                               lambda sums, p: (ms.float32,) * 7,
+                               outputs=("mean", "invstd", "var", "code", "count", "reshift",
+                                        "increment")),
         # mean, var (unbiased), shift, running_mean, running_var (C,), factor (1,)
         #   -> shift', running_mean', running_var' (C,) f32
         update_stats=_custom("UpdateStats", ("mean", "var", "shift", "running_mean", "running_var",

@@ -290,32 +290,39 @@ static bool all_1d_float32(int count, const int *ndims, const char **dtypes) {
 }
 
 // FinalizeStats: sums (3C+2,), params (6,), both float32
-//   -> mean, invstd, var (C,), code, count, needs reshift (1,), all float32.
+//   -> mean, invstd, var (C,), code, count, needs reshift, increment (1,), all float32.
 // The group statistics from the all-reduced shifted sums, in one call instead of
 // some thirty per-channel operators, each output a tensor of its own (no slicing
 // after the call). sums = [S1 = sum(x-K) (C) | S2 = sum((x-K)^2) (C) | Q =
 // sum(n*K) (C) | N | channel slot], params = [group size, eps, reshift ratio, mean
 // tolerance, code "channels differ", code "single value"]. Per channel, in double,
 // with N' = max(N, 1):
-//   offset = S1/N';  mean = Q/N' + offset;  var = max(S2/N' - offset^2, 0)
-//   (NaN stays NaN);  invstd = 1/sqrt(var + eps)
+//   offset = S1/N';  mean = Q/N' + offset;  var_b = max(S2/N' - offset^2, 0)
+//   (NaN stays NaN);  invstd = 1/sqrt(var_b + eps)   (the biased variance)
 // The ranks' layers disagree on num_features when |channel slot - C * group size|
 // > 0.5 (nothing else is meaningful then): code = the "channels differ" code;
 // otherwise code = the "single value" code if N = 1 (one value per channel in
-// the group's batch), else 0. needs reshift = the layers agree and, for some
-// channel, offset^2 > ratio * var + (tolerance * mean)^2 (the shift was too far
-// from the mean for the variance to be trusted). Every rank gets the same sums
-// and so the same outputs, bit for bit. The composite form:
-// ms_syncbn.kernels.composite.FinalizeStats.
+// the group's batch), else 0.
+//   var       = var_b * N / (N - 1), the UNBIASED variance (what update_stats takes),
+//               NaN on every channel when code != 0 or N < 2, and NaN on a channel
+//               whose mean or var_b (as float32) is not finite: a NaN var is the
+//               one sign that a channel's state must not change
+//   increment = 1 if code == 0 and N >= 1, else 0 (the step counts)
+//   needs reshift = the layers agree and, for some channel, offset^2 > ratio * var_b
+//               + (tolerance * mean)^2 (the shift was too far from the mean for the
+//               variance to be trusted)
+// Every rank gets the same sums and so the same outputs, bit for bit. The
+// composite form: ms_syncbn.kernels.composite.FinalizeStats (float32 arithmetic,
+// the same values to a few float32 roundings).
 extern "C" int FinalizeStats(int nparam, void **params, int *ndims, int64_t **shapes,
                              const char **dtypes, void *, void *) {
-  if (nparam != 8 || !all_1d_float32(8, ndims, dtypes)) return 1;
+  if (nparam != 9 || !all_1d_float32(9, ndims, dtypes)) return 1;
   const int64_t length = shapes[0][0];
   if (length < 5 || (length - 2) % 3 != 0 || shapes[1][0] != 6) return 1;
   const int64_t channels = (length - 2) / 3;
   for (int i = 2; i < 5; ++i)
     if (shapes[i][0] != channels) return 1;
-  for (int i = 5; i < 8; ++i)
+  for (int i = 5; i < 9; ++i)
     if (shapes[i][0] != 1) return 1;
   const float *sums = static_cast<const float *>(params[0]);
   const float *p = static_cast<const float *>(params[1]);
@@ -326,6 +333,9 @@ extern "C" int FinalizeStats(int nparam, void **params, int *ndims, int64_t **sh
   const double count = sums[3 * channels];
   const double slot = sums[3 * channels + 1];
   const bool channels_differ = std::fabs(slot - static_cast<double>(channels) * group_size) > 0.5;
+  const float code = channels_differ ? p[4] : (count == 1.0 ? p[5] : 0.0f);
+  const bool unbiased_defined = code == 0.0f && count >= 2.0;
+  const double bessel = unbiased_defined ? count / (count - 1.0) : 0.0;
   const double safe_count = std::max(count, 1.0);  // N = 0: all sums are 0, so mean = var = 0
   bool reshift = false;
   for (int64_t c = 0; c < channels; ++c) {
@@ -337,18 +347,20 @@ extern "C" int FinalizeStats(int nparam, void **params, int *ndims, int64_t **sh
     if (offset * offset > limit) reshift = true;
     mean_out[c] = static_cast<float>(mean);
     invstd_out[c] = static_cast<float>(1.0 / std::sqrt(var + eps));
-    var_out[c] = static_cast<float>(var);
+    const bool finite = std::isfinite(mean_out[c]) && std::isfinite(static_cast<float>(var));
+    var_out[c] = unbiased_defined && finite ? static_cast<float>(var * bessel) : NAN;
   }
-  *static_cast<float *>(params[5]) = channels_differ ? p[4] : (count == 1.0 ? p[5] : 0.0f);
+  *static_cast<float *>(params[5]) = code;
   *static_cast<float *>(params[6]) = static_cast<float>(count);
   *static_cast<float *>(params[7]) = reshift && !channels_differ ? 1.0f : 0.0f;
+  *static_cast<float *>(params[8]) = code == 0.0f && count >= 1.0 ? 1.0f : 0.0f;
   return 0;
 }
-// sums (3C+2,), params (6,) -> (C,) x 3, (1,) x 3
+// sums (3C+2,), params (6,) -> (C,) x 3, (1,) x 4
 MSSBN_INFER_SHAPES(FinalizeStats) {
   const int64_t length = ndims[0] >= 1 ? shapes[0][0] : -1;
   const int64_t channels = length < 0 ? -1 : (length - 2) / 3;
-  return mssbn::Shapes{{channels}, {channels}, {channels}, {1}, {1}, {1}};
+  return mssbn::Shapes{{channels}, {channels}, {channels}, {1}, {1}, {1}, {1}};
 }
 
 // UpdateStats: mean, var, shift, running_mean, running_var (C,), factor (1,),
