@@ -407,6 +407,63 @@ def test_kernels_in_graph_mode(kernels, dtype):
     assert_close(to_f64(dx), ref, scale, dtype, ELEM_RTOL, "graph backward_elemt")
 
 
+class PerChannelKernels(nn.Cell):
+    """The per-channel kernels of a training step chained as the callers chain them (backward
+    reduce -> elemt; finalize -> update; fingerprint -> check_pairing; guard)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+        self.group_size = ms.Tensor([2.0], ms.float32)
+        self.mispaired = ms.Tensor([GUARD_MISPAIRED], ms.float32)
+        self.no_code = ms.Tensor([0.0], ms.float32)
+
+    def construct(self, dy, x, mean, invstd, weight, count, sums, params, shift, modulus, text):
+        sum_dy, sum_dy_xmu, grad_weight, grad_bias = self.table.backward_reduce(dy, x, mean, invstd)
+        dx = self.table.backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
+        g_mean, g_invstd, g_var, code, g_count, reshift, increment = self.table.finalize_stats(sums, params)
+        state = self.table.update_stats(g_mean, g_var, shift, shift, shift, ops.ones_like(count) * 0.5)
+        tag = self.table.fingerprint(g_invstd, modulus)
+        paired = self.table.check_pairing(grad_weight, tag * self.group_size, tag, self.group_size,
+                                          self.mispaired, text)
+        guarded = self.table.guard(grad_bias, self.no_code, text)
+        return (sum_dy, sum_dy_xmu, dx, paired, guarded, g_var, code, increment, tag) + state
+
+
+def test_per_channel_kernels_in_a_graph_compiled_for_dynamic_shapes(kernels):
+    """Each kernel's C++ shape function (one shape per output for the multi-output ones) at
+    compile time with unknown dimensions and again at run time, for two widths in one graph."""
+    net = PerChannelKernels(kernels)
+    dynamic = lambda *shape: ms.Tensor(shape=shape, dtype=ms.float32)
+    previous_mode = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        net.set_inputs(dynamic(None, None, None), dynamic(None, None, None), dynamic(None),
+                       dynamic(None), dynamic(None), dynamic(1), dynamic(None), dynamic(6),
+                       dynamic(None), dynamic(1), dynamic(None))
+        for rows, channels in [(4, 3), (7, 5)]:
+            rng = np.random.default_rng(rows)
+            args, args64 = elemt_inputs(rng, (rows, channels, 6), "float32")
+            dy, x, mean, invstd, weight, _, count = args
+            shift, shift64 = f32(rng.normal(0.5, 0.1, channels))
+            sums, full = group_sums(rng, channels, (2, 3), 0.5, shift64)
+            params = ms.Tensor(np.array(FINALIZE_PARAMS, np.float32))
+            outs = net(dy, x, mean, invstd, weight, count, ms.Tensor(sums), params, shift,
+                       ms.Tensor([8191.0], ms.float32), ms.Tensor(guard_text("layer")))
+            assert [o.shape for o in outs] == [(channels,)] * 2 + [(rows, channels, 6)] + \
+                [(channels,)] * 3 + [(1,)] * 3 + [(channels,)] * 3
+            group = outs[0].asnumpy().astype(np.float64), outs[1].asnumpy().astype(np.float64)
+            ref, scale = backward_reduce_ref(args64[0], args64[1], args64[2])
+            assert_sums_close(ops.cat(outs[:2]), ref, scale, "float32", "dynamic backward_reduce")
+            ref, scale = backward_elemt_ref(*args64[:5], np.concatenate(group), args64[6])
+            assert_close(to_f64(outs[2]), ref, scale, "float32", ELEM_RTOL, "dynamic backward_elemt")
+            np.testing.assert_array_equal(outs[4].asnumpy(), outs[0].asnumpy())  # grad_bias = sum_dy
+            np.testing.assert_allclose(outs[5].asnumpy(), full.var(axis=(0, 2), ddof=1), rtol=1e-5)
+            np.testing.assert_array_equal(np.concatenate([o.asnumpy() for o in outs[6:8]]), [0.0, 1.0])
+    finally:
+        ms.set_context(mode=previous_mode)
+
+
 # ------------------------------------------------- every instruction set --
 # Run in a subprocess (the library picks its instruction set once per process):
 # load the library with ctypes, call the four entry points with MindSpore's AOT
