@@ -309,6 +309,25 @@ def test_backward_reduce_empty_batch_is_all_zeros(kernels, shape, dtype):
     np.testing.assert_array_equal(out, np.zeros(2 * shape[1], np.float32))
 
 
+def test_backward_reduce_rejects_a_malformed_call(kernels):
+    x = ms.Tensor(np.ones((2, 3, 4), np.float32))
+    c = ms.Tensor(np.ones(3, np.float32))
+    with pytest.raises(RuntimeError, match=r"is 1\b"):  # invstd of the wrong length
+        kernels.backward_reduce(x, x, c, ms.Tensor(np.ones(4, np.float32)))[0].asnumpy()
+    with pytest.raises(RuntimeError, match=r"is 1\b"):  # dy and x of different shapes
+        kernels.backward_reduce(ms.Tensor(np.ones((2, 3, 5), np.float32)), x, c, c)[0].asnumpy()
+
+
+def test_backward_elemt_rejects_a_malformed_call(kernels):
+    x = ms.Tensor(np.ones((2, 3, 4), np.float32))
+    c = ms.Tensor(np.ones(3, np.float32))
+    one = ms.Tensor(np.ones(1, np.float32))
+    with pytest.raises(RuntimeError, match=r"is 1\b"):  # sum_dy_xmu of the wrong length
+        kernels.backward_elemt(x, x, c, c, c, c, ms.Tensor(np.ones(6, np.float32)), one).asnumpy()
+    with pytest.raises(RuntimeError, match=r"is 1\b"):  # count of the wrong length
+        kernels.backward_elemt(x, x, c, c, c, c, c, c).asnumpy()
+
+
 # --------------------------------------------------------- backward_elemt --
 def elemt_inputs(rng, shape, dtype, loc=0.0):
     x, x64 = make_input(rng, shape, dtype, loc=loc)
