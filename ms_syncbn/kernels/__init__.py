@@ -15,17 +15,21 @@ backward_reduce     dy, x, mean, invstd                                        s
                                                                                (C,) float32
 backward_elemt      dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu (C,),      dx, dtype of x
                     count (1,)
-finalize_stats      sums (3C+2,): [sum(x-K), sum((x-K)^2), n*K, n, C] summed   mean, invstd, var (C,),
-                    over the group; params (6,): [group size, eps,             code, count,
-                    reshift ratio, mean tolerance, code "channels differ",     needs reshift (1,)
-                    code "single value"]                                       float32
-update_stats        mean, var (C,), count (1,), code (1,), shift,              shift', running_mean',
-                    running_mean, running_var (C,), factor (1,)                running_var' (C,) float32,
-                                                                               increment () int64
+finalize_stats      sums (3C+2,): [sum(x-K), sum((x-K)^2), n*K, n, C] summed   mean, invstd,
+                    over the group; params (6,): [group size, eps,             var (unbiased) (C,),
+                    reshift ratio, mean tolerance, code "channels differ",     code, count,
+                    code "single value"]                                       needs reshift,
+                                                                               increment (1,)
+                                                                               float32
+update_stats        mean, var (unbiased) (C,), shift, running_mean,            shift', running_mean',
+                    running_var (C,), factor (1,)                              running_var' (C,)
+                                                                               float32
 guard               values (M,) float32, code (1,) float32, text (T,)          values, or the step
                     float32 (may be empty)                                     stops (see below)
-fingerprint         mean, invstd (C,), count (1,), modulus (1,)                (1,) float32: an
+fingerprint         invstd (C,), modulus (1,)                                  (1,) float32: an
                                                                                integer in [0, modulus)
+check_pairing       values (M,), reduced_tag (1,), tag (1,), group_size (1,),  values, or the step
+                    code (1,), text (T,), float32                              stops (see below)
 local_moments       x                                                          mean_i, var_i (C,)
 (optional)                                                                     float32
 ==================  =========================================================  ==================
@@ -40,7 +44,13 @@ graph mode.
 
 ``finalize_stats`` turns the group's sums into its statistics and
 ``update_stats`` gives the layer's state after a training step, each in one call
-(``FinalizeStats`` and ``UpdateStats`` in ops/cpu/syncbn_cpu.cc state the arithmetic). ``guard`` lets
+(``FinalizeStats`` and ``UpdateStats`` in ops/cpu/syncbn_cpu.cc state the arithmetic).
+The ``var`` that ``finalize_stats`` gives and ``update_stats`` takes is the group's unbiased variance (Bessel's correction applied), NaN
+on every channel of a step that must not change the state (a stopped step, fewer than 2
+values per channel) and on a channel whose statistics are not finite: ``update_stats``
+moves a channel exactly where ``var`` is finite, by lerp(a, b, w) = a + w * (b - a) in
+float32. ``finalize_stats``' ``increment`` (1.0 or 0.0) says whether the step counts
+(code 0 and a non-empty group batch); invstd is from the biased variance. ``guard`` lets
 a compiled graph stop without a branch: ``code`` = 0 passes `values` through; any
 code of :data:`GUARD_CODES` stops the step. ``text`` may carry the text of that
 error, :func:`guard_text` (the layer and :data:`GUARD_MEANINGS`); a separate input, so that
@@ -50,10 +60,15 @@ RuntimeError with that text (also written to stderr); the Ascend composite
 outputs and gradients: no native kernel fails on a value, and a branch would need
 the code on the host.
 
-``fingerprint`` hashes a layer application's group statistics (identical on every
+``fingerprint`` hashes a layer application's group invstd (identical on every
 rank) to a small integer, which the backward payload carries to catch two layers'
 collectives paired with each other; ``Fingerprint`` in ops/cpu/syncbn_cpu.cc states the
 arithmetic, with the constants :data:`FINGERPRINT_SCALE` and :data:`FINGERPRINT_WRAP`.
+``check_pairing`` checks it after the all-reduce: when ``reduced_tag`` != ``tag`` *
+``group_size`` (float32 product, exact for these integers), the step stops with error
+``code`` (the caller passes :data:`GUARD_MISPAIRED`) exactly as ``guard`` stops for that
+code (CPU: a RuntimeError naming the layer; Ascend, ``kernels.composite.CheckPairing``:
+NaN values); otherwise ``values`` pass through.
 
 ``local_moments`` (mean_i and the biased variance var_i = sum((x - mean_i)^2) / n_i over the
 local batch, zeros for an empty batch; n_i, the number of values per channel, is the static
@@ -69,14 +84,16 @@ import numpy as np
 
 
 # Error codes of the guard kernel; GUARD_MEANINGS is the one statement of what they mean.
+# Of two forward codes the larger is the one to report (ranks that disagree on num_features
+# make the batch size meaningless too), so a ReduceMax picks it.
 GUARD_MALFORMED = 1.0  # the guard kernel itself was called with malformed arguments
-GUARD_CHANNELS_DIFFER = 2.0  # the ranks of the process group disagree on num_features
-GUARD_SINGLE_VALUE = 3.0  # the group's batch holds 1 value per channel in training
+GUARD_SINGLE_VALUE = 2.0  # the group's batch holds 1 value per channel in training
+GUARD_CHANNELS_DIFFER = 3.0  # the ranks of the process group disagree on num_features
 GUARD_MISPAIRED = 4.0  # a backward all-reduce was paired with another layer's
-GUARD_CODES = (GUARD_CHANNELS_DIFFER, GUARD_SINGLE_VALUE, GUARD_MISPAIRED)
+GUARD_CODES = (GUARD_SINGLE_VALUE, GUARD_CHANNELS_DIFFER, GUARD_MISPAIRED)
 
 # The fingerprint's hash (the contract of the ``fingerprint`` kernel): the bits of each
-# statistic that enter it are value * 2**12 modulo 2**14, summed over [mean | invstd | count]
+# statistic that enter it are value * 2**12 modulo 2**14, summed over the C values of invstd
 # and taken modulo the modulus.
 FINGERPRINT_SCALE = 2.0 ** 12
 FINGERPRINT_WRAP = 2.0 ** 14
@@ -140,6 +157,7 @@ class BatchNormKernels(NamedTuple):
     update_stats: Any
     guard: Any
     fingerprint: Any
+    check_pairing: Any
     local_moments: Any = None  # optional: see the module docstring
 
 

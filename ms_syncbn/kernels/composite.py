@@ -11,10 +11,12 @@ from ms_syncbn.kernels import FINGERPRINT_SCALE, FINGERPRINT_WRAP
 
 
 class FinalizeStats(nn.Cell):
-    """sums (3C+2,), params (6,) -> mean, invstd, var (C,), code, count, needs reshift (1,),
-    float32.
+    """sums (3C+2,), params (6,) -> mean, invstd, var (C,), code, count, needs reshift,
+    increment (1,), float32.
 
-    See ``FinalizeStats`` in ops/cpu/syncbn_cpu.cc for the contract.
+    See ``FinalizeStats`` in ops/cpu/syncbn_cpu.cc for the contract (`var` is the unbiased
+    variance, NaN where the state must not change; invstd is from the biased one). Float32
+    arithmetic: the kernel's values to a few roundings.
     """
 
     def construct(self, sums, params):
@@ -33,33 +35,32 @@ class FinalizeStats(nn.Cell):
                                   ops.logical_not(channels_differ))
         code = ops.select(channels_differ, params[4:5],
                           ops.select(count == 1.0, params[5:6], ops.zeros_like(count)))
-        return (mean, ops.rsqrt(var + eps), var, code, count, reshift.astype(ms.float32))
+        kept = code == 0.0  # (1,)
+        # (C,): the unbiased variance where it is defined, NaN elsewhere
+        defined = ops.logical_and(ops.logical_and(kept, count >= 2.0),
+                                  ops.logical_and(ops.isfinite(mean), ops.isfinite(var)))
+        unbiased = ops.masked_fill(var * (count / ops.maximum(count - 1.0, 1.0)),
+                                   ops.logical_not(defined), float("nan"))
+        increment = ops.logical_and(kept, count >= 1.0).astype(ms.float32)
+        return (mean, ops.rsqrt(var + eps), unbiased, code, count, reshift.astype(ms.float32),
+                increment)
 
 
 class UpdateStats(nn.Cell):
-    """mean, var (C,), count (1,), code (1,), shift, running_mean, running_var (C,), factor (1,)
-    -> shift', running_mean', running_var' (C,) float32, increment () int64.
+    """mean, var (C,), shift, running_mean, running_var (C,), factor (1,)
+    -> shift', running_mean', running_var' (C,) float32.
 
-    See ``UpdateStats`` in ops/cpu/syncbn_cpu.cc for the contract.
-    Written for few kernels (each one is a launch on Ascend): the decision is one (1,)
-    flag and one (C,) mask, the moving averages are Lerp (running + factor * (batch -
-    running), the same value up to one rounding), and an output the caller does not use
-    (the Ascend layer never reads the shift) is pruned by the compiler.
+    See ``UpdateStats`` in ops/cpu/syncbn_cpu.cc for the contract: `var` is the unbiased
+    variance, non-finite on every channel that must not change. Six kernels (IsFinite,
+    Lerp, Select, Lerp, Select, Select); an output the caller does not use (the Ascend
+    layer never reads the shift) is pruned by the compiler.
     """
 
-    # Read through self: mindspore.amp's O1 regenerates a cell's code in another module.
-    code_weight = 2.0 ** 60
-
-    def construct(self, mean, var, count, code, shift, running_mean, running_var, factor):
-        fewer = count - 1.0  # (1,)
-        # (1,) the step is kept (code 0) and N > 0; codes are >= 0 and N < 2^60
-        updated = fewer >= code * self.code_weight
-        change = ops.logical_and(ops.isfinite(mean + var), updated)  # (C,) and finite statistics
-        unbiased = var * (count / ops.maximum(fewer, 1.0))
+    def construct(self, mean, var, shift, running_mean, running_var, factor):
+        change = ops.isfinite(var)  # (C,)
         return (ops.select(change, mean, shift),
                 ops.select(change, ops.lerp(running_mean, mean, factor), running_mean),
-                ops.select(change, ops.lerp(running_var, unbiased, factor), running_var),
-                updated.astype(ms.int64).reshape(()))
+                ops.select(change, ops.lerp(running_var, var, factor), running_var))
 
 
 class Guard(nn.Cell):
@@ -78,15 +79,29 @@ class Guard(nn.Cell):
         return ops.masked_fill(ops.depend(values, text), code != 0.0, float("nan"))  # (M,), (1,) -> (M,)
 
 
+class CheckPairing(nn.Cell):
+    """values (M,), reduced_tag (1,), tag (1,), group_size (1,), code (1,), text (T,) float32
+    -> values (M,) float32: `values` where reduced_tag == tag * group_size, NaN everywhere
+    otherwise. Three kernels (Muls, NotEqual, MaskedFill); `code` and `text` are unused.
+
+    The backward's layer-identity check without a branch (see ``Guard``): a mispaired step's
+    gradients are NaN. ``CheckPairing`` in ops/cpu/syncbn_cpu.cc states the contract (there the
+    step stops with error `code`, naming the layer).
+    """
+
+    def construct(self, values, reduced_tag, tag, group_size, code, text):
+        return ops.masked_fill(ops.depend(values, text), reduced_tag != tag * group_size,
+                               float("nan"))  # (M,), (1,) -> (M,)
+
+
 class Fingerprint(nn.Cell):
-    """mean, invstd (C,), count (1,), modulus (1,) float32 -> (1,) float32, an integer in
-    [0, modulus).
+    """invstd (C,), modulus (1,) float32 -> (1,) float32, an integer in [0, modulus).
 
     See ``Fingerprint`` in ops/cpu/syncbn_cpu.cc for the contract. Every step is exact or
     correctly rounded IEEE arithmetic, and the sum is over integers (exact in any order), so
     every rank, holding the same all-reduced statistics bit for bit, gets the same integer.
-    NaN and Inf count as 0. Eight kernels (Concat, Muls, NanToNum, FloorMod, Cast, ReduceSum,
-    FloorMod, Cast), where the contract before this one took some twenty.
+    NaN and Inf count as 0. Seven kernels (Muls, NanToNum, FloorMod, Cast, ReduceSum,
+    FloorMod, Cast).
     """
 
     # Read through self: mindspore.amp's O1 regenerates a cell's code in another module,
@@ -94,8 +109,8 @@ class Fingerprint(nn.Cell):
     scale = FINGERPRINT_SCALE
     wrap = FINGERPRINT_WRAP
 
-    def construct(self, mean, invstd, count, modulus):
-        values = ops.nan_to_num(ops.cat((mean, invstd, count)) * self.scale, 0.0, 0.0, 0.0)  # (2C+1,)
+    def construct(self, invstd, modulus):
+        values = ops.nan_to_num(invstd * self.scale, 0.0, 0.0, 0.0)  # (C,)
         bits = ops.floor_mod(values, self.wrap).astype(ms.int32)  # [0, 2^14] (-tiny rounds to 2^14)
         digest = ops.floor_mod(bits.sum(keepdims=True), modulus.astype(ms.int64))  # (1,) int64
         return digest.astype(ms.float32)

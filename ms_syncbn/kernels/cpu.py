@@ -21,7 +21,6 @@ from mindspore import ops
 from mindspore.ops import CustomRegOp, DataType
 
 from ms_syncbn.kernels import BatchNormKernels
-from ms_syncbn.precision import Float32Cell
 
 _LIBRARY_GLOB = "_cpu_kernels*.so"
 
@@ -72,72 +71,8 @@ def _custom(symbol: str, inputs, out_dtype, outputs=("output",)) -> _SharedCusto
                          func_type="aot", reg_info=info)
 
 
-# The adapters below are Float32Cells: amp's custom_mixed_precision sets its float16 flag on
-# every cell not in its black list, one by one, and these kernels take float32 only.
-
-
-class _Guard(Float32Cell):
-    """values (M,) f32, code (1,) f32, text (T,) f32 -> values, or a RuntimeError carrying the
-    code and naming the layer (the ``Guard`` kernel reads [code | text]). No branch here: the
-    same Cell runs in the function's construct and in its bprop (kernels/ascend.py)."""
-
-    def __init__(self):
-        super().__init__()
-        # values (M,) f32, [code | text] (1+T,) f32 -> values
-        self.guard = _custom("Guard", ("values", "code"), lambda values, code: values)
-
-    def construct(self, values, code, text):
-        return self.guard(values, ops.cat((code, text)))
-
-
-class _UpdateStats(Float32Cell):
-    """The update_stats contract over the ``UpdateStats`` kernel, whose `updated` is float32 (1,)."""
-
-    def __init__(self):
-        super().__init__()
-        # mean, var, count, code, shift, running_mean, running_var, factor
-        #   -> shift', running_mean', running_var' (C,), updated (1,) f32
-        self.update_stats = _custom(
-            "UpdateStats", ("mean", "var", "count", "code", "shift", "running_mean", "running_var",
-                            "factor"),
-            lambda m, v, n, k, s, rm, rv, f: (ms.float32,) * 4,
-            outputs=("shift", "running_mean", "running_var", "updated"))
-
-    def construct(self, mean, var, count, code, shift, running_mean, running_var, factor):
-        new_shift, new_mean, new_var, updated = self.update_stats(mean, var, count, code, shift,
-                                                            running_mean, running_var, factor)
-        return new_shift, new_mean, new_var, updated.astype(ms.int64).reshape(())
-
-
-class _BackwardReduce(Float32Cell):
-    """dy, x, mean, invstd -> sum(dy), sum(dy*(x-mean)), grad_weight, grad_bias (C,) f32, from the
-    ``BackwardReduce`` kernel's (2C,) [sum(dy) | sum(dy*(x-mean))]."""
-
-    def __init__(self):
-        super().__init__()
-        # dy, x, mean -> (2C,) f32
-        self.backward_reduce = _custom("BackwardReduce", ("dy", "x", "mean"),
-                                       lambda dy, x, m: ms.float32)
-
-    def construct(self, dy, x, mean, invstd):
-        sums = self.backward_reduce(dy, x, mean)
-        sum_dy, sum_dy_xmu = sums[:x.shape[1]], sums[x.shape[1]:]
-        return sum_dy, sum_dy_xmu, sum_dy_xmu * invstd, sum_dy
-
-
-class _BackwardElemt(Float32Cell):
-    """dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu (C,), count (1,) -> dx like x, through the
-    ``BackwardElemt`` kernel, which takes the sums as one (2C,) input."""
-
-    def __init__(self):
-        super().__init__()
-        # dy, x, mean, invstd, weight, sums (2C,), count (1,) -> dx like x
-        self.backward_elemt = _custom("BackwardElemt",
-                                      ("dy", "x", "mean", "invstd", "weight", "sums", "count"),
-                                      lambda dy, x, m, s, w, sums, n: x)
-
-    def construct(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
-        return self.backward_elemt(dy, x, mean, invstd, weight, ops.cat((sum_dy, sum_dy_xmu)), count)
+# No adapters: every entry of the table is a kernel primitive, called as the contract says
+# (no Concat, slicing, Mul or cast around it), so a layer step costs one kernel per entry.
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,19 +86,32 @@ def cpu_kernels() -> BatchNormKernels:
         normalize=_custom("Normalize", ("x", "mean", "invstd", "weight", "bias"),
                           lambda x, m, s, w, b: x),
         # dy, x, mean, invstd -> sum(dy), sum(dy*(x-mean)), grad_weight, grad_bias (C,) f32
-        backward_reduce=_BackwardReduce(),
+        backward_reduce=_custom("BackwardReduce", ("dy", "x", "mean", "invstd"),
+                                lambda dy, x, m, s: (ms.float32,) * 4,
+                                outputs=("sum_dy", "sum_dy_xmu", "grad_weight", "grad_bias")),
         # dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu (C,), count (1,) -> dx like x
-        backward_elemt=_BackwardElemt(),
-        # sums (3C+2,), params (6,) -> mean, invstd, var (C,), code, count, needs reshift (1,) f32
+        backward_elemt=_custom("BackwardElemt", ("dy", "x", "mean", "invstd", "weight", "sum_dy",
+                                                 "sum_dy_xmu", "count"),
+                               lambda dy, x, m, s, w, sdy, sdyx, n: x),
+        # sums (3C+2,), params (6,) -> mean, invstd, var (unbiased) (C,), code, count,
+        #   needs reshift, increment (1,) f32
         finalize_stats=_custom("FinalizeStats", ("sums", "params"),
-                               lambda sums, p: (ms.float32,) * 6,
-                               outputs=("mean", "invstd", "var", "code", "count", "reshift")),
-        # mean, var, count, code, shift, running_mean, running_var, factor
-        #   -> shift', running_mean', running_var' (C,) f32, increment () int64
-        update_stats=_UpdateStats(),
+                               lambda sums, p: (ms.float32,) * 7,
+                               outputs=("mean", "invstd", "var", "code", "count", "reshift",
+                                        "increment")),
+        # mean, var (unbiased), shift, running_mean, running_var (C,), factor (1,)
+        #   -> shift', running_mean', running_var' (C,) f32
+        update_stats=_custom("UpdateStats", ("mean", "var", "shift", "running_mean", "running_var",
+                                             "factor"),
+                             lambda m, v, s, rm, rv, f: (ms.float32,) * 3,
+                             outputs=("shift", "running_mean", "running_var")),
         # values (M,) f32, code (1,) f32, text -> values, or a RuntimeError carrying the code
-        guard=_Guard(),
-        # mean, invstd (C,), count (1,), modulus (1,) -> (1,) f32
-        fingerprint=_custom("Fingerprint", ("mean", "invstd", "count", "modulus"),
-                            lambda m, s, n, q: ms.float32),
+        guard=_custom("Guard", ("values", "code", "text"), lambda values, code, text: values),
+        # values (M,), reduced_tag, tag, group_size, code (1,), text (T,) f32 -> values, or a
+        # RuntimeError carrying the code when reduced_tag != tag * group_size
+        check_pairing=_custom("CheckPairing", ("values", "reduced_tag", "tag", "group_size", "code",
+                                               "text"),
+                              lambda values, r, t, g, k, text: values),
+        # invstd (C,), modulus (1,) -> (1,) f32
+        fingerprint=_custom("Fingerprint", ("invstd", "modulus"), lambda s, q: ms.float32),
     )

@@ -3,7 +3,7 @@
 // Every kernel follows MindSpore's AOT calling convention:
 //   int Kernel(int nparam, void **params, int *ndims, int64_t **shapes,
 //              const char **dtypes, void *stream, void *extra)
-// where params holds the inputs followed by the single output, and returns 0
+// where params holds the inputs followed by the outputs, and returns 0
 // on success (1 on an unsupported dtype or a malformed call). MindSpore hands
 // us dense row-major buffers.
 //
@@ -14,7 +14,7 @@
 // a graph compiled for dynamic shapes, again at run time with each step's
 // input shapes. An unknown dimension is -1 and an unknown rank is the shape
 // {-2}; the functions pass them on (a per-channel length of unknown C is -1).
-// (A kernel with several outputs, FinalizeStats and UpdateStats, returns
+// (A kernel with several outputs -- BackwardReduce, FinalizeStats, UpdateStats -- returns
 // std::vector<std::vector<int64_t>>, one shape per output, and is registered with
 // its outputs: kernels/cpu.py.)
 // MindSpore 2.10 cannot call a Python shape function at run time (its kernel
@@ -244,22 +244,41 @@ extern "C" int Normalize(int nparam, void **params, int *ndims, int64_t **shapes
 // x, mean, invstd, weight, bias -> y like x
 MSSBN_INFER_SHAPE(Normalize) { return mssbn::input_shape(ndims, shapes, 0); }
 
+// dy and x: the same dtype and shape; the tensors at `first`..`last` (inputs or
+// outputs): per-channel, (C,) float32 with C = x.shape[1].
+static bool backward_call_ok(const int *ndims, int64_t *const *shapes, const char **dtypes,
+                             int first, int last) {
+  if (ndims[1] < 2 || ndims[0] != ndims[1] || std::strcmp(dtypes[0], dtypes[1]) != 0) return false;
+  for (int d = 0; d < ndims[1]; ++d)
+    if (shapes[0][d] != shapes[1][d]) return false;
+  for (int i = first; i <= last; ++i)
+    if (ndims[i] != 1 || shapes[i][0] != shapes[1][1] || std::strcmp(dtypes[i], "float32") != 0)
+      return false;
+  return true;
+}
+
+// BackwardReduce: dy, x (N, C, *), mean, invstd (C,) f32
+//   -> sum_dy, sum_dy_xmu, grad_weight, grad_bias (C,) f32 (contract: backward_reduce below).
 extern "C" int BackwardReduce(int nparam, void **params, int *ndims, int64_t **shapes,
                               const char **dtypes, void *, void *) {
-  if (nparam != 4 || ndims[1] < 2) return 1;
-  if (std::strcmp(dtypes[0], dtypes[1]) != 0) return 1;
+  if (nparam != 8 || !backward_call_ok(ndims, shapes, dtypes, 2, 7)) return 1;
   return mssbn::run(mssbn::kBackwardReduce, dtypes[1], params, mssbn::ncs_of(ndims[1], shapes[1]));
 }
-// dy, x (N, C, *), mean -> (2C,)
-MSSBN_INFER_SHAPE(BackwardReduce) { return mssbn::per_channel(ndims, shapes, 1, 1, 2, 0); }
+// dy, x (N, C, *), mean, invstd -> (C,) x 4
+MSSBN_INFER_SHAPES(BackwardReduce) {
+  const mssbn::Shape channels = mssbn::per_channel(ndims, shapes, 1, 1, 1, 0);
+  return mssbn::Shapes{channels, channels, channels, channels};
+}
 
+// BackwardElemt: dy, x (N, C, *), mean, invstd, weight, sum_dy, sum_dy_xmu (C,) f32,
+// count (1,) f32 -> dx like x (contract: backward_elemt below).
 extern "C" int BackwardElemt(int nparam, void **params, int *ndims, int64_t **shapes,
                              const char **dtypes, void *, void *) {
-  if (nparam != 8 || ndims[1] < 2) return 1;
-  if (std::strcmp(dtypes[0], dtypes[1]) != 0) return 1;
+  if (nparam != 9 || !backward_call_ok(ndims, shapes, dtypes, 2, 6)) return 1;
+  if (ndims[7] != 1 || shapes[7][0] != 1 || std::strcmp(dtypes[7], "float32") != 0) return 1;
   return mssbn::run(mssbn::kBackwardElemt, dtypes[1], params, mssbn::ncs_of(ndims[1], shapes[1]));
 }
-// dy, x, mean, invstd, weight, sums, count -> dx like x
+// dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count -> dx like x
 MSSBN_INFER_SHAPE(BackwardElemt) { return mssbn::input_shape(ndims, shapes, 1); }
 
 // True if the first `count` tensors of a call are all 1-D float32 (the
@@ -271,32 +290,39 @@ static bool all_1d_float32(int count, const int *ndims, const char **dtypes) {
 }
 
 // FinalizeStats: sums (3C+2,), params (6,), both float32
-//   -> mean, invstd, var (C,), code, count, needs reshift (1,), all float32.
+//   -> mean, invstd, var (C,), code, count, needs reshift, increment (1,), all float32.
 // The group statistics from the all-reduced shifted sums, in one call instead of
 // some thirty per-channel operators, each output a tensor of its own (no slicing
 // after the call). sums = [S1 = sum(x-K) (C) | S2 = sum((x-K)^2) (C) | Q =
 // sum(n*K) (C) | N | channel slot], params = [group size, eps, reshift ratio, mean
 // tolerance, code "channels differ", code "single value"]. Per channel, in double,
 // with N' = max(N, 1):
-//   offset = S1/N';  mean = Q/N' + offset;  var = max(S2/N' - offset^2, 0)
-//   (NaN stays NaN);  invstd = 1/sqrt(var + eps)
+//   offset = S1/N';  mean = Q/N' + offset;  var_b = max(S2/N' - offset^2, 0)
+//   (NaN stays NaN);  invstd = 1/sqrt(var_b + eps)   (the biased variance)
 // The ranks' layers disagree on num_features when |channel slot - C * group size|
 // > 0.5 (nothing else is meaningful then): code = the "channels differ" code;
 // otherwise code = the "single value" code if N = 1 (one value per channel in
-// the group's batch), else 0. needs reshift = the layers agree and, for some
-// channel, offset^2 > ratio * var + (tolerance * mean)^2 (the shift was too far
-// from the mean for the variance to be trusted). Every rank gets the same sums
-// and so the same outputs, bit for bit. The composite form:
-// ms_syncbn.kernels.composite.FinalizeStats.
+// the group's batch), else 0.
+//   var       = var_b * N / (N - 1), the UNBIASED variance (what update_stats takes),
+//               NaN on every channel when code != 0 or N < 2, and NaN on a channel
+//               whose mean or var_b (as float32) is not finite: a NaN var is the
+//               one sign that a channel's state must not change
+//   increment = 1 if code == 0 and N >= 1, else 0 (the step counts)
+//   needs reshift = the layers agree and, for some channel, offset^2 > ratio * var_b
+//               + (tolerance * mean)^2 (the shift was too far from the mean for the
+//               variance to be trusted)
+// Every rank gets the same sums and so the same outputs, bit for bit. The
+// composite form: ms_syncbn.kernels.composite.FinalizeStats (float32 arithmetic,
+// the same values to a few float32 roundings).
 extern "C" int FinalizeStats(int nparam, void **params, int *ndims, int64_t **shapes,
                              const char **dtypes, void *, void *) {
-  if (nparam != 8 || !all_1d_float32(8, ndims, dtypes)) return 1;
+  if (nparam != 9 || !all_1d_float32(9, ndims, dtypes)) return 1;
   const int64_t length = shapes[0][0];
   if (length < 5 || (length - 2) % 3 != 0 || shapes[1][0] != 6) return 1;
   const int64_t channels = (length - 2) / 3;
   for (int i = 2; i < 5; ++i)
     if (shapes[i][0] != channels) return 1;
-  for (int i = 5; i < 8; ++i)
+  for (int i = 5; i < 9; ++i)
     if (shapes[i][0] != 1) return 1;
   const float *sums = static_cast<const float *>(params[0]);
   const float *p = static_cast<const float *>(params[1]);
@@ -307,6 +333,9 @@ extern "C" int FinalizeStats(int nparam, void **params, int *ndims, int64_t **sh
   const double count = sums[3 * channels];
   const double slot = sums[3 * channels + 1];
   const bool channels_differ = std::fabs(slot - static_cast<double>(channels) * group_size) > 0.5;
+  const float code = channels_differ ? p[4] : (count == 1.0 ? p[5] : 0.0f);
+  const bool unbiased_defined = code == 0.0f && count >= 2.0;
+  const double bessel = unbiased_defined ? count / (count - 1.0) : 0.0;
   const double safe_count = std::max(count, 1.0);  // N = 0: all sums are 0, so mean = var = 0
   bool reshift = false;
   for (int64_t c = 0; c < channels; ++c) {
@@ -318,148 +347,125 @@ extern "C" int FinalizeStats(int nparam, void **params, int *ndims, int64_t **sh
     if (offset * offset > limit) reshift = true;
     mean_out[c] = static_cast<float>(mean);
     invstd_out[c] = static_cast<float>(1.0 / std::sqrt(var + eps));
-    var_out[c] = static_cast<float>(var);
+    const bool finite = std::isfinite(mean_out[c]) && std::isfinite(static_cast<float>(var));
+    var_out[c] = unbiased_defined && finite ? static_cast<float>(var * bessel) : NAN;
   }
-  *static_cast<float *>(params[5]) = channels_differ ? p[4] : (count == 1.0 ? p[5] : 0.0f);
+  *static_cast<float *>(params[5]) = code;
   *static_cast<float *>(params[6]) = static_cast<float>(count);
   *static_cast<float *>(params[7]) = reshift && !channels_differ ? 1.0f : 0.0f;
+  *static_cast<float *>(params[8]) = code == 0.0f && count >= 1.0 ? 1.0f : 0.0f;
   return 0;
 }
-// sums (3C+2,), params (6,) -> (C,) x 3, (1,) x 3
+// sums (3C+2,), params (6,) -> (C,) x 3, (1,) x 4
 MSSBN_INFER_SHAPES(FinalizeStats) {
   const int64_t length = ndims[0] >= 1 ? shapes[0][0] : -1;
   const int64_t channels = length < 0 ? -1 : (length - 2) / 3;
-  return mssbn::Shapes{{channels}, {channels}, {channels}, {1}, {1}, {1}};
+  return mssbn::Shapes{{channels}, {channels}, {channels}, {1}, {1}, {1}, {1}};
 }
 
-// UpdateStats: mean, var (C,), count (1,), code (1,), shift, running_mean,
-// running_var (C,), factor (1,), all float32
-//   -> shift', running_mean', running_var' (C,), updated (1,), all float32.
-// The layer's state after one training step, in one call instead of two dozen
-// tiny operators, each output a tensor of its own. `mean` and the biased `var`
-// are the group's statistics over `count` values; `code` is the step's guard code
-// (0: the step may change the state; any other: it is about to stop on an
-// error). updated = code is 0 and count > 0. Channel c changes only if updated and
-// mean[c], var[c] are finite (NaN or Inf in a batch must not reach later steps):
-//   shift'[c]        = mean[c]
-//   running_mean'[c] = (1 - factor) * running_mean[c] + factor * mean[c]
-//   running_var'[c]  = (1 - factor) * running_var[c]
-//                      + factor * var[c] * count / max(count - 1, 1)   (unbiased)
-// otherwise it keeps its value. Float32 arithmetic, as the composite form of
-// the same contract (ms_syncbn.kernels.composite).
+// UpdateStats: mean, var, shift, running_mean, running_var (C,), factor (1,),
+// all float32 -> shift', running_mean', running_var' (C,), all float32.
+// The layer's state after one training step, in one call, each output a tensor
+// of its own. `mean` and `var` are the group's statistics, `var` the UNBIASED
+// variance (Bessel's correction is the caller's: finalize_stats gives it), and
+// non-finite on every channel of a step that must not change the state (a
+// stopped step, fewer than 2 values per channel) and wherever mean is not
+// finite: so one test decides. Per channel, with change = isfinite(var[c]):
+//   shift'[c]        = change ? mean[c]                                 : shift[c]
+//   running_mean'[c] = change ? lerp(running_mean[c], mean[c], factor) : running_mean[c]
+//   running_var'[c]  = change ? lerp(running_var[c], var[c], factor)   : running_var[c]
+// with lerp(a, b, w) = a + w * (b - a) in float32, as ops.lerp computes it (the
+// composite form, ms_syncbn.kernels.composite.UpdateStats, is bit for bit the
+// same where no FMA contracts the product and the sum: this part of the file is
+// compiled without an FMA target on x86-64).
 extern "C" int UpdateStats(int nparam, void **params, int *ndims, int64_t **shapes,
                            const char **dtypes, void *, void *) {
-  if (nparam != 12 || !all_1d_float32(12, ndims, dtypes)) return 1;
+  if (nparam != 9 || !all_1d_float32(9, ndims, dtypes)) return 1;
   const int64_t channels = shapes[0][0];
-  const int per_channel[] = {0, 1, 4, 5, 6, 8, 9, 10};
+  const int per_channel[] = {0, 1, 2, 3, 4, 6, 7, 8};
   for (int i : per_channel)
     if (shapes[i][0] != channels) return 1;
-  if (shapes[2][0] != 1 || shapes[3][0] != 1 || shapes[7][0] != 1 || shapes[11][0] != 1)
-    return 1;
+  if (shapes[5][0] != 1) return 1;
   const float *mean = static_cast<const float *>(params[0]);
   const float *var = static_cast<const float *>(params[1]);
-  const float count = *static_cast<const float *>(params[2]);
-  const float code = *static_cast<const float *>(params[3]);
-  const float *shift = static_cast<const float *>(params[4]);
-  const float *running_mean = static_cast<const float *>(params[5]);
-  const float *running_var = static_cast<const float *>(params[6]);
-  const float factor = *static_cast<const float *>(params[7]);
-  float *shift_out = static_cast<float *>(params[8]);
-  float *mean_out = static_cast<float *>(params[9]);
-  float *var_out = static_cast<float *>(params[10]);
-  const bool updated = code == 0.0f && count > 0.0f;
-  const float unbias = count / std::max(count - 1.0f, 1.0f);
+  const float *shift = static_cast<const float *>(params[2]);
+  const float *running_mean = static_cast<const float *>(params[3]);
+  const float *running_var = static_cast<const float *>(params[4]);
+  const float factor = *static_cast<const float *>(params[5]);
+  float *shift_out = static_cast<float *>(params[6]);
+  float *mean_out = static_cast<float *>(params[7]);
+  float *var_out = static_cast<float *>(params[8]);
   for (int64_t c = 0; c < channels; ++c) {
-    const bool change = updated && std::isfinite(mean[c]) && std::isfinite(var[c]);
+    const bool change = std::isfinite(var[c]);
     shift_out[c] = change ? mean[c] : shift[c];
-    mean_out[c] = change ? (1.0f - factor) * running_mean[c] + factor * mean[c] : running_mean[c];
-    var_out[c] =
-        change ? (1.0f - factor) * running_var[c] + factor * (var[c] * unbias) : running_var[c];
+    mean_out[c] = change ? running_mean[c] + factor * (mean[c] - running_mean[c]) : running_mean[c];
+    var_out[c] = change ? running_var[c] + factor * (var[c] - running_var[c]) : running_var[c];
   }
-  *static_cast<float *>(params[11]) = updated ? 1.0f : 0.0f;
   return 0;
 }
-// mean (C,), ... -> (C,) x 3, (1,)
+// mean (C,), ... -> (C,) x 3
 MSSBN_INFER_SHAPES(UpdateStats) {
   const mssbn::Shape channels = mssbn::per_channel(ndims, shapes, 0, 0, 1, 0);
-  return mssbn::Shapes{channels, channels, channels, {1}};
+  return mssbn::Shapes{channels, channels, channels};
 }
 
-// Fingerprint: mean (C,), invstd (C,), count (1,), modulus (1,), all float32
-//   -> (1,) float32, an integer in [0, modulus).
+// Fingerprint: invstd (C,), modulus (1,), both float32 -> (1,) float32, an
+// integer in [0, modulus).
 // Names one application of a layer in one step identically on every rank of the
 // group (the statistics are all-reduced, so every rank holds them bit for bit),
-// in one call. Over the 2C+1 values v_i of [mean | invstd | count], in float32
-// then integers (the same arithmetic as the composite form,
-// ms_syncbn.kernels.composite.Fingerprint, written for few Ascend kernels):
+// in one call. Over the C values v_i of invstd, in float32 then integers (the
+// same arithmetic as the composite form, ms_syncbn.kernels.composite.Fingerprint,
+// written for few Ascend kernels):
 //   s_i = v_i * 2^12, or 0 if that is not finite
 //   b_i = int(s_i - 2^14 * floor(s_i * 2^-14))   (s_i mod 2^14 in [0, 2^14], truncated)
 //   fingerprint = (sum_i b_i) mod modulus
 // Every float32 step is exact (products by powers of two, an integer multiple of
 // 2^14 subtracted from a float32 of the same magnitude) but the first, which is
-// correctly rounded; the sum stays below 2^31 while C < 65535. modulus must be an
+// correctly rounded; the sum stays below 2^31 while C < 131072. modulus must be an
 // integer in [1, 2^24) (the caller keeps group size * modulus < 2^24, so the
 // all-reduced sum of W equal fingerprints is exact in float32).
 extern "C" int Fingerprint(int nparam, void **params, int *ndims, int64_t **shapes,
                            const char **dtypes, void *, void *) {
-  if (nparam != 5 || !all_1d_float32(5, ndims, dtypes)) return 1;
+  if (nparam != 3 || !all_1d_float32(3, ndims, dtypes)) return 1;
   const int64_t channels = shapes[0][0];
-  if (shapes[1][0] != channels || shapes[2][0] != 1 || shapes[3][0] != 1 || shapes[4][0] != 1)
-    return 1;
-  const float modulus_value = *static_cast<const float *>(params[3]);
+  if (shapes[1][0] != 1 || shapes[2][0] != 1) return 1;
+  const float modulus_value = *static_cast<const float *>(params[1]);
   if (!(modulus_value >= 1.0f && modulus_value < 16777216.0f) ||
       modulus_value != std::floor(modulus_value))
     return 1;
   const int64_t modulus = static_cast<int64_t>(modulus_value);
-  const float *parts[3] = {static_cast<const float *>(params[0]),
-                           static_cast<const float *>(params[1]),
-                           static_cast<const float *>(params[2])};
-  const int64_t lengths[3] = {channels, channels, 1};
+  const float *invstd = static_cast<const float *>(params[0]);
   int64_t digest = 0;
-  for (int part = 0; part < 3; ++part) {
-    for (int64_t j = 0; j < lengths[part]; ++j) {
-      float scaled = parts[part][j] * 4096.0f;
-      if (!std::isfinite(scaled)) scaled = 0.0f;
-      const float wrapped = scaled - 16384.0f * std::floor(scaled * (1.0f / 16384.0f));
-      digest += static_cast<int64_t>(wrapped);
-    }
+  for (int64_t j = 0; j < channels; ++j) {
+    float scaled = invstd[j] * 4096.0f;
+    if (!std::isfinite(scaled)) scaled = 0.0f;
+    const float wrapped = scaled - 16384.0f * std::floor(scaled * (1.0f / 16384.0f));
+    digest += static_cast<int64_t>(wrapped);
   }
-  *static_cast<float *>(params[4]) = static_cast<float>(digest % modulus);
+  *static_cast<float *>(params[2]) = static_cast<float>(digest % modulus);
   return 0;
 }
-// mean, invstd, count, modulus -> (1,)
+// invstd, modulus -> (1,)
 MSSBN_INFER_SHAPE(Fingerprint) { return mssbn::Shape{1}; }
 
-// Guard: values (M,) float32, code (1+T,) float32 = [code | text] -> values (M,) float32.
-// The branch-free way for a compiled graph to stop on a condition every rank
-// agrees on: the caller computes an error code (0 = no error) from all-reduced
-// numbers and routes a small tensor it needs next through this kernel. Code 0:
-// copies `values`. Code k >= 1: throws a std::runtime_error, which MindSpore
-// raises as a RuntimeError whose message includes ours (also written to
-// stderr); the output is then not written. `text` (T >= 0 elements, one UTF-8
-// byte each) is NUL-separated: entry 0 names the layer, entry k says what code k
-// means (ms_syncbn.kernels.guard_text builds it from GUARD_MEANINGS, the one
-// place the meanings are stated). Without text the message gives the code only.
-extern "C" int Guard(int nparam, void **params, int *ndims, int64_t **shapes,
-                     const char **dtypes, void *, void *) {
-  const bool well_formed = nparam == 3 && all_1d_float32(3, ndims, dtypes) && shapes[1][0] >= 1 &&
-                           shapes[2][0] == shapes[0][0];
-  const float code = well_formed ? *static_cast<const float *>(params[1]) : 1.0f;
-  if (code == 0.0f) {
-    std::memcpy(params[2], params[0], static_cast<size_t>(shapes[0][0]) * sizeof(float));
-    return 0;
-  }
+// Stops the step with guard code `code`: writes the error to stderr and throws a
+// std::runtime_error, which MindSpore raises as a RuntimeError whose message
+// includes ours. `text` (T >= 0 elements, one UTF-8 byte each; null when the
+// call was malformed) is NUL-separated: entry 0 names the layer, entry k says
+// what code k means (ms_syncbn.kernels.guard_text builds it from GUARD_MEANINGS,
+// the one place the meanings are stated). Without text the message gives the
+// code only. A code outside [1, 1000) is reported as 1 (malformed call of
+// `kernel`). The message format is ms_syncbn.kernels.guard_message's.
+[[noreturn]] static void stop_step(float code, const float *text, int64_t length,
+                                   const char *kernel) {
   const int k = code >= 1.0f && code < 1000.0f ? static_cast<int>(code) : 1;
   std::vector<std::string> entries(1);  // entry 0: the layer; entry k: the meaning of code k
-  if (well_formed) {
-    const float *text = static_cast<const float *>(params[1]) + 1;
-    for (int64_t i = 0; i + 1 < shapes[1][0]; ++i) {
-      const float c = text[i];
-      if (c == 0.0f) {
-        entries.emplace_back();
-      } else if (c > 0.0f && c < 256.0f) {
-        entries.back().push_back(static_cast<char>(static_cast<unsigned char>(c)));
-      }
+  for (int64_t i = 0; text != nullptr && i < length; ++i) {
+    const float c = text[i];
+    if (c == 0.0f) {
+      entries.emplace_back();
+    } else if (c > 0.0f && c < 256.0f) {
+      entries.back().push_back(static_cast<char>(static_cast<unsigned char>(c)));
     }
   }
   std::string message = "ms_syncbn SyncBatchNorm error " + std::to_string(k);
@@ -468,7 +474,7 @@ extern "C" int Guard(int nparam, void **params, int *ndims, int64_t **shapes,
   if (k < static_cast<int>(entries.size()) && !entries[k].empty()) {
     message += entries[k];
   } else if (k == 1) {
-    message += "malformed call of the Guard kernel";
+    message += std::string("malformed call of the ") + kernel + " kernel";
   } else {
     message += "see ms_syncbn.kernels.GUARD_MEANINGS";
   }
@@ -477,8 +483,61 @@ extern "C" int Guard(int nparam, void **params, int *ndims, int64_t **shapes,
   std::fflush(stderr);
   throw std::runtime_error(message);
 }
-// values (M,), code (1+T,) -> values
+
+// Guard: values (M,), code (1,), text (T,), all float32 -> values (M,) float32.
+// The branch-free way for a compiled graph to stop on a condition every rank
+// agrees on: the caller computes an error code (0 = no error) from all-reduced
+// numbers and routes a small tensor it needs next through this kernel.
+//   code 0:      values' = values (a copy)
+//   code k >= 1: the step stops with error k (stop_step above: the message names
+//                the layer, text entry 0, and says what k means, text entry k);
+//                the output is then not written.
+// A malformed call stops with error 1 ("malformed call of the Guard kernel").
+extern "C" int Guard(int nparam, void **params, int *ndims, int64_t **shapes,
+                     const char **dtypes, void *, void *) {
+  const bool well_formed = nparam == 4 && all_1d_float32(4, ndims, dtypes) && shapes[1][0] == 1 &&
+                           shapes[3][0] == shapes[0][0];
+  const float code = well_formed ? *static_cast<const float *>(params[1]) : 1.0f;
+  if (code == 0.0f) {
+    std::memcpy(params[3], params[0], static_cast<size_t>(shapes[0][0]) * sizeof(float));
+    return 0;
+  }
+  stop_step(code, well_formed ? static_cast<const float *>(params[2]) : nullptr,
+            well_formed ? shapes[2][0] : 0, "Guard");
+}
+// values (M,), code (1,), text (T,) -> values
 MSSBN_INFER_SHAPE(Guard) { return mssbn::input_shape(ndims, shapes, 0); }
+
+// CheckPairing: values (M,), reduced_tag (1,), tag (1,), group size (1,),
+// code (1,), text (T,), all float32 -> values (M,) float32.
+// The backward's layer-identity check, in one call after the all-reduce: every
+// rank put its layer's tag (the fingerprint, an integer) in the payload, so the
+// all-reduced slot is tag * group size exactly when every rank's collective
+// belonged to the same layer application (integers below 2^24: exact float32).
+//   reduced_tag == tag * group size (float32 product):  values' = values (a copy)
+//   otherwise (NaN included): the step stops with error `code` (the caller passes
+//     GUARD_MISPAIRED), exactly as Guard stops for that code (stop_step: the
+//     message names the layer, text entry 0, and says what the code means, text
+//     entry `code`); the output is then not written.
+// A malformed call stops with error 1 ("malformed call of the CheckPairing kernel").
+// The composite form: ms_syncbn.kernels.composite.CheckPairing (NaN instead of stopping).
+extern "C" int CheckPairing(int nparam, void **params, int *ndims, int64_t **shapes,
+                            const char **dtypes, void *, void *) {
+  bool well_formed = nparam == 7 && all_1d_float32(7, ndims, dtypes) && shapes[6][0] == shapes[0][0];
+  for (int i = 1; well_formed && i < 5; ++i) well_formed = shapes[i][0] == 1;
+  if (!well_formed) stop_step(1.0f, nullptr, 0, "CheckPairing");
+  const float reduced_tag = *static_cast<const float *>(params[1]);
+  const float tag = *static_cast<const float *>(params[2]);
+  const float group_size = *static_cast<const float *>(params[3]);
+  if (reduced_tag == tag * group_size) {
+    std::memcpy(params[6], params[0], static_cast<size_t>(shapes[0][0]) * sizeof(float));
+    return 0;
+  }
+  stop_step(*static_cast<const float *>(params[4]), static_cast<const float *>(params[5]),
+            shapes[5][0], "CheckPairing");
+}
+// values (M,), reduced_tag, tag, group size, code (1,), text (T,) -> values
+MSSBN_INFER_SHAPE(CheckPairing) { return mssbn::input_shape(ndims, shapes, 0); }
 
 #else  // MSSBN_ISA
 // ======================== part 2: the kernels, for one instruction set ===
@@ -865,13 +924,21 @@ void normalize(const T *x, const float *mean, const float *invstd, const float *
 
 // -------------------------------------------------------- backward_reduce --
 // Contract:
-//   in  dy    (N, C, *)  dtype of x
-//   in  x     (N, C, *)  f16 | bf16 | f32 | f64
-//   in  mean  (C,)       f32
-//   out sums  (2C,)      f32  [ sum(dy) (C) | sum(dy * (x - mean)) (C) ]  local sums
-// One pass over dy and x; an empty batch yields zeros.
+//   in  dy          (N, C, *)  dtype of x
+//   in  x           (N, C, *)  f16 | bf16 | f32 | f64
+//   in  mean        (C,)       f32
+//   in  invstd      (C,)       f32
+//   out sum_dy      (C,)       f32  sum(dy)                local sums
+//   out sum_dy_xmu  (C,)       f32  sum(dy * (x - mean))
+//   out grad_weight (C,)       f32  sum_dy_xmu * invstd    (float32 product of the two
+//                                                          float32 values)
+//   out grad_bias   (C,)       f32  sum_dy                 (a copy)
+// One pass over dy and x; an empty batch yields zeros. The weight and bias
+// gradients are the local ones (data parallelism sums them over the ranks).
 template <typename T>
-void backward_reduce(const T *dy, const T *x, const float *mean, float *out, NCS v) {
+void backward_reduce(const T *dy, const T *x, const float *mean, const float *invstd,
+                     float *sum_dy_out, float *sum_dy_xmu_out, float *grad_weight_out,
+                     float *grad_bias_out, NCS v) {
   typedef Lanes<T> L;
   typedef typename L::CT CT;
   const int64_t C = v.c, S = v.s;
@@ -902,7 +969,14 @@ void backward_reduce(const T *dy, const T *x, const float *mean, float *out, NCS
       };
     }, sums.data(), sums.data() + C);
   }
-  for (int64_t c = 0; c < 2 * C; ++c) out[c] = static_cast<float>(sums[c]);
+  for (int64_t c = 0; c < C; ++c) {
+    const float sum_dy = static_cast<float>(sums[c]);
+    const float sum_dy_xmu = static_cast<float>(sums[C + c]);
+    sum_dy_out[c] = sum_dy;
+    sum_dy_xmu_out[c] = sum_dy_xmu;
+    grad_weight_out[c] = sum_dy_xmu * invstd[c];
+    grad_bias_out[c] = sum_dy;
+  }
 }
 
 // --------------------------------------------------------- backward_elemt --
@@ -910,7 +984,8 @@ void backward_reduce(const T *dy, const T *x, const float *mean, float *out, NCS
 //   in  dy      (N, C, *)  dtype of x
 //   in  x       (N, C, *)  f16 | bf16 | f32 | f64
 //   in  mean, invstd, weight  (C,) f32
-//   in  sums    (2C,) f32  [ sum(dy) | sum(dy * (x - mean)) ] over the whole group
+//   in  sum_dy      (C,) f32  sum(dy) over the whole group
+//   in  sum_dy_xmu  (C,) f32  sum(dy * (x - mean)) over the whole group
 //   in  count   (1,)  f32  number of elements per channel over the whole group
 //                          (a count <= 0 is treated as 1)
 //   out dx      (N, C, *)  dtype of x
@@ -919,7 +994,8 @@ void backward_reduce(const T *dy, const T *x, const float *mean, float *out, NCS
 //   computed in double once per call and rounded to the compute type.
 template <typename T>
 void backward_elemt(const T *dy, const T *x, const float *mean, const float *invstd,
-                    const float *weight, const float *sums, const float *count, T *dx, NCS v) {
+                    const float *weight, const float *sum_dy, const float *sum_dy_xmu,
+                    const float *count, T *dx, NCS v) {
   typedef Lanes<T> L;
   typedef typename L::CT CT;
   const int64_t C = v.c, S = v.s;
@@ -930,8 +1006,8 @@ void backward_elemt(const T *dy, const T *x, const float *mean, const float *inv
     const double is = invstd[c];
     const double ad = static_cast<double>(weight[c]) * is;
     a[c] = static_cast<CT>(ad);
-    p[c] = static_cast<CT>(-ad * is * is * (static_cast<double>(sums[C + c]) / cnt));
-    q[c] = static_cast<CT>(-ad * (static_cast<double>(sums[c]) / cnt));
+    p[c] = static_cast<CT>(-ad * is * is * (static_cast<double>(sum_dy_xmu[c]) / cnt));
+    q[c] = static_cast<CT>(-ad * (static_cast<double>(sum_dy[c]) / cnt));
     m[c] = static_cast<CT>(mean[c]);
   }
   if (S == 1) {
@@ -981,12 +1057,14 @@ template <typename T> void run_normalize(void **p, NCS v) {
                as<const float>(p[3]), as<const float>(p[4]), as<T>(p[5]), v);
 }
 template <typename T> void run_backward_reduce(void **p, NCS v) {
-  backward_reduce<T>(as<const T>(p[0]), as<const T>(p[1]), as<const float>(p[2]), as<float>(p[3]), v);
+  backward_reduce<T>(as<const T>(p[0]), as<const T>(p[1]), as<const float>(p[2]),
+                     as<const float>(p[3]), as<float>(p[4]), as<float>(p[5]), as<float>(p[6]),
+                     as<float>(p[7]), v);
 }
 template <typename T> void run_backward_elemt(void **p, NCS v) {
   backward_elemt<T>(as<const T>(p[0]), as<const T>(p[1]), as<const float>(p[2]),
                     as<const float>(p[3]), as<const float>(p[4]), as<const float>(p[5]),
-                    as<const float>(p[6]), as<T>(p[7]), v);
+                    as<const float>(p[6]), as<const float>(p[7]), as<T>(p[8]), v);
 }
 
 }  // namespace
