@@ -8,7 +8,7 @@ scenarios of tests/test_ascend_emulated.py, and 2 ranks in graph mode with the b
 switch MS_SYNCBN_ASCEND_BACKWARD_REDUCE=uncentred. Each scenario's results are checked against
 the float64 reference on the concatenated batch exactly as the tests check the CPU and
 emulated runs (the one-value scenario: the guard stops that step without raising, its
-outputs are NaN, the state is unchanged and every rank keeps guard code 3, named); one line
+outputs are NaN, the state is unchanged and every rank keeps guard code 2, named); one line
 PASS/FAIL per job and scenario, exit status 0 only if all pass.
 Without an Ascend NPU (no /dev/davinci* device, or a MindSpore without Ascend support)
 it says so and exits 2.
@@ -100,7 +100,7 @@ def main():
             print(f"{job}: msrun timed out after {args.timeout} s", flush=True)
         for scenario in scenarios:
             try:
-                if scenario == "one_value":  # stopped by the guard: NaN, state kept, code 3 kept
+                if scenario == "one_value":  # stopped by the guard: NaN, state kept, code 2 kept
                     check_one_value_stopped(_load(outcome, scenario, world))
                     print(f"PASS {job} {scenario}", flush=True)
                     continue

@@ -123,8 +123,8 @@ class SyncBatchNorm(Float32Cell):
             per channel.
         TypeError: At call time, if `x` is not a floating-point tensor.
         RuntimeError: In training, on every rank of the group, if the ranks disagree on
-            `num_features` (code 2) or the group's batch holds a single value per channel
-            (code 3), or, in the backward, if this layer's all-reduce was paired with
+            `num_features` (code 3) or the group's batch holds a single value per channel
+            (code 2), or, in the backward, if this layer's all-reduce was paired with
             another layer application's on some rank (code 4: e.g. the ranks ran parallel
             branches' backward passes in different orders). The step stops in the guard
             kernel; the message (also written to stderr) names the check, the layer (its

@@ -1,7 +1,7 @@
 """Named errors for training steps that a layer's guard stopped without raising (Ascend).
 
 The forward checks of a synchronized step (the ranks disagree on ``num_features``: guard code
-2; the group's batch holds one value per channel: code 3) are decided from all-reduced
+3; the group's batch holds one value per channel: code 2) are decided from all-reduced
 numbers on the device. The CPU guard kernel raises there and then. The Ascend table cannot
 without a device-to-host read per layer and step, so its guard poisons the step instead (the
 layer's outputs and gradients are NaN, its state is unchanged) and the layer keeps the code in

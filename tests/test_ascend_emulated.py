@@ -94,7 +94,7 @@ def test_ascend_table_dynamic_shape_steps_compile_one_graph(jobs, job, scenario)
 def check_one_value_stopped(ranks):
     """The one_value scenario on the Ascend table (also judged on NPUs by
     launch/ascend_scenarios.py): that step's outputs and gradients are NaN on every rank, the
-    state is unchanged, and every rank's layer keeps guard code 3, whose error
+    state is unchanged, and every rank's layer keeps guard code 2, whose error
     (ms_syncbn.guard_check) names the layer."""
     for meta, arrays in ranks:
         assert meta["status"] == "ok", meta.get("traceback") or meta.get("message")

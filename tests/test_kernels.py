@@ -18,7 +18,6 @@ the library through ctypes), and the size of the collective payloads, which
 must not depend on the world size.
 """
 import ctypes
-import inspect
 import json
 import os
 import re
@@ -39,7 +38,6 @@ from ms_syncbn.kernels.composite import FinalizeStats as CompositeFinalizeStats
 from ms_syncbn.kernels.composite import Fingerprint as CompositeFingerprint
 from ms_syncbn.kernels.composite import Guard as CompositeGuard, UpdateStats as CompositeUpdateStats
 from ms_syncbn.kernels.cpu import cpu_kernels, cpu_library_path
-from ms_syncbn import sync_function as sync_function_module
 from ms_syncbn.sync_function import RESHIFT_MEAN_TOLERANCE, RESHIFT_RATIO, SyncBatchNormFunction
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16,
@@ -629,15 +627,6 @@ class RecordingAllReduce(nn.Cell):
         return local_sums * self.world_size
 
 
-# The caller of the issue-16 contracts (round 2) is the lead's rewrite of ms_syncbn/sync_function.py;
-# until it is merged, the function still calls the kernels the old way. Remove this at the merge.
-_FUNCTION_PREDATES_CONTRACTS16 = not re.search(r"kernels\.check_pairing\b|\.check_pairing\(",
-                                               inspect.getsource(sync_function_module))
-
-
-@pytest.mark.skipif(_FUNCTION_PREDATES_CONTRACTS16,
-                    reason="ms_syncbn/sync_function.py still calls the kernels of the old contracts "
-                           "(issue 16 round 2: the lead's rewrite, merged separately)")
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 @pytest.mark.parametrize("channels", [1, 3, 64])
 def test_collective_payload_is_3c_plus_2_then_2c_plus_1_whatever_the_world_size(kernels, world_size,
@@ -663,8 +652,7 @@ def test_collective_payload_is_3c_plus_2_then_2c_plus_1_whatever_the_world_size(
             self.function = function
 
         def construct(self, x, weight, bias, shift, dy):
-            y, _, _, _, _, _ = self.function(x, weight, bias, shift, eps)
-            return (y * dy).sum()
+            return (self.function(x, weight, bias, shift, eps)[0] * dy).sum()
 
     grad_fn = ms.grad(Step(), grad_position=0)
     dx = grad_fn(x, weight, bias, shift, dy)
@@ -672,11 +660,16 @@ def test_collective_payload_is_3c_plus_2_then_2c_plus_1_whatever_the_world_size(
     # [shifted sums (3C+1) | num_features check (1)] forward, [grad sums (2C) | layer tag (1)]
     # backward: the two check slots turn mismatched layers into errors.
     assert recorder.payloads == [((3 * channels + 2,), ms.float32), ((2 * channels + 1,), ms.float32)]
-    _, mean, invstd, var, count, code = function(x, weight, bias, shift, eps)
+    _, mean, invstd, var, count, code, increment = function(x, weight, bias, shift, eps)
+    group_count = world_size * x64.size // channels
     np.testing.assert_allclose(mean.asnumpy(), x64.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(var.asnumpy(), x64.var(axis=(0, 2, 3)), rtol=1e-5)
-    assert count.asnumpy()[0] == world_size * x64.size // channels
+    # var: the group's unbiased variance (W identical ranks)
+    np.testing.assert_allclose(var.asnumpy(), x64.var(axis=(0, 2, 3)) * group_count / (group_count - 1),
+                               rtol=1e-5)
+    np.testing.assert_allclose(invstd.asnumpy(), 1.0 / np.sqrt(x64.var(axis=(0, 2, 3)) + 1e-5), rtol=1e-5)
+    assert count.asnumpy()[0] == group_count
     np.testing.assert_array_equal(code.asnumpy(), [0.0])  # no guard code
+    np.testing.assert_array_equal(increment.asnumpy(), [1.0])
 
 
 @pytest.mark.parametrize("channels", [1, 5, 64, 257])

@@ -174,13 +174,13 @@ def test_model_mismatch_error_names_num_features(model_mismatch):
     (its log: "RunRingAllReduce] Memcpy error, ... dest size is 28, src size is 32")
     and hands the other a silently wrong sum. The payload's last slot carries
     num_features; the rank that receives the sum sees it does not add up to
-    group_size * num_features, and the guard kernel stops the step with code 2:
+    group_size * num_features, and the guard kernel stops the step with code 3:
     the exception (and stderr) names the check, the layer and the causes.
     """
     messages = {rank: last_exception(log) for rank, log in model_mismatch.logs.items()}
-    guard_lines = {rank: re.findall(r"ms_syncbn SyncBatchNorm error 2 in layer .*", log)
+    guard_lines = {rank: re.findall(r"ms_syncbn SyncBatchNorm error 3 in layer .*", log)
                    for rank, log in model_mismatch.logs.items()}
-    assert any("SyncBatchNorm error 2 in layer" in message and "forward num_features check" in message
+    assert any("SyncBatchNorm error 3 in layer" in message and "forward num_features check" in message
                for message in messages.values()), messages
     assert any("disagree on num_features" in line for lines in guard_lines.values()
                for line in lines), (f"no rank names num_features: {messages} {guard_lines}")

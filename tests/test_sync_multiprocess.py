@@ -209,7 +209,7 @@ def test_large_mean_variance_within_1e4_relative(jobs, job):
 
 @pytest.mark.parametrize("job", ["pynative_2ranks", "graph_2ranks"])
 def test_group_with_one_value_per_channel_raises_on_every_rank(jobs, job):
-    """The guard kernel stops the step on every rank (RuntimeError with code 3, the layer and
+    """The guard kernel stops the step on every rank (RuntimeError with code 2, the layer and
     its meaning, also on each rank's stderr), in PyNative and graph mode alike, and the state is unchanged."""
     ranks = _load(jobs(job), "one_value", JOBS[job]["world"])
     for meta, _ in ranks:

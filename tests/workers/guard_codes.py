@@ -36,12 +36,16 @@ def _last_slot(x):
 
 
 def other_rank_empty(channels):
-    """What an empty rank adds: zeros, but its channel count in the forward payloads' last slot
-    (3C+2 on the CPU table, C+2 in the moments protocol's first all-reduce) and, in the
-    backward payload (2C+1), the same fingerprint as ours (the statistics are the group's)."""
+    """What an empty rank adds: zeros, but its constant slots in the forward payloads: its channel
+    count in the last slot (3C+2 on the CPU table; C+5 in the moments protocol's first
+    all-reduce, [n m | n | n - 1/W | n | n | C], where it also sends -1/W = -1/2 in the N - 1
+    slot) and, in the backward payload (2C+1), the same fingerprint as ours (the statistics
+    are the group's)."""
     def add(x):
-        if x.size in (3 * channels + 2, channels + 2):
+        if x.size == 3 * channels + 2:
             return x + channels * _last_slot(x)
+        if x.size == channels + 5:
+            return x + channels * _last_slot(x) - 0.5 * np.eye(1, x.size, channels + 1, dtype=x.dtype)[0]
         if x.size == 2 * channels + 1:
             return x + x[-1] * _last_slot(x)
         return x * 1.0  # the moments protocol's second all-reduce
