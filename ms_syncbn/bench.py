@@ -195,16 +195,17 @@ def measure_kernel_bandwidth(shapes, iters):
         out = np.empty_like(x)
         per_channel = np.ones(channels, np.float32)
         stats = np.empty(3 * channels + 1, np.float32)
-        sums = np.empty(2 * channels, np.float32)
+        sums = [np.empty(channels, np.float32) for _ in range(4)]
         count = np.array([x.size // channels], np.float32)
         kernels = {
             "local_stats": (library.bind("LocalStats", [x, per_channel, stats]), x.nbytes),
             "normalize": (library.bind("Normalize", [x, per_channel, per_channel, per_channel,
                                                      per_channel, out]), 2 * x.nbytes),
-            "backward_reduce": (library.bind("BackwardReduce", [dy, x, per_channel, sums]),
-                                2 * x.nbytes),
+            "backward_reduce": (library.bind("BackwardReduce", [dy, x, per_channel, per_channel]
+                                             + sums), 2 * x.nbytes),
             "backward_elemt": (library.bind("BackwardElemt", [dy, x, per_channel, per_channel,
-                                                              per_channel, sums, count, out]),
+                                                              per_channel, sums[0], sums[1], count,
+                                                              out]),
                                3 * x.nbytes),
         }
         for name, (call, traffic) in kernels.items():

@@ -19,6 +19,7 @@ import mindspore as ms
 import pytest
 from mindspore import nn, ops
 from mindspore.ops import auto_generate as native
+from mindspore.ops.operations import _grad_ops as grad_ops
 
 from tests import ascend_emulation as emulation
 
@@ -96,6 +97,59 @@ class _InferredPrimitives:
         return lambda: _InferredOnly(name)
 
 
+class _InferredUpdateGrad(nn.Cell):
+    """The real BNTrainingUpdateGrad (``_grad_ops``), outputs replaced by zeros of the inferred
+    shape and dtype."""
+
+    def __init__(self, epsilon):
+        super().__init__()
+        self.primitive = grad_ops.BNTrainingUpdateGrad(epsilon=epsilon)
+
+    def construct(self, grads, x, mean, variance):
+        return _inferred(*self.primitive(grads, x, mean, variance))
+
+
+class _InferredGradOps:
+    """Stands in for ``mindspore.ops.operations._grad_ops`` with the real, kernel-free primitive."""
+
+    BNTrainingUpdateGrad = _InferredUpdateGrad  # pylint: disable=invalid-name
+
+
+def _real_table(mode=None):
+    """The Ascend table over the real primitives (inference only), with the backward reduction
+    `mode` (None: the default)."""
+    from ms_syncbn.kernels import ascend
+
+    saved = ascend.native, ascend.grad_ops
+    ascend.native, ascend.grad_ops = _InferredPrimitives(), _InferredGradOps()
+    try:
+        with pytest.MonkeyPatch.context() as patch:  # read when the table is made, then undone
+            if mode is not None:
+                patch.setenv(ascend.BACKWARD_REDUCE_ENV, mode)
+            return ascend.ascend_kernels.__wrapped__()
+    finally:
+        ascend.native, ascend.grad_ops = saved
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("rank", [4, 3])
+def test_update_grad_stand_in_accepts_and_returns_what_mindspore_infers(graph_cpu, dtype, rank):
+    """BNTrainingUpdateGrad: MindSpore's inference checks no dtype or rank and types both outputs
+    like the statistics (float32 here); the stand-in gives those dtypes for what the kernel
+    takes (4-D float16/float32) and a launch error (RuntimeError) for the rest, which the table
+    never passes (it routes to 4-D float16/float32)."""
+    shape = (N, C, L, 2) if rank == 4 else (N, C, L)
+    x = ms.Tensor(np.random.default_rng(0).normal(size=shape).astype(np.float32)).astype(DTYPES[dtype])
+    c = ms.Tensor(np.ones(C, np.float32))
+    real, real_dtypes = _outcome(lambda: _InferredUpdateGrad(0.0)(x, x, c, c))
+    assert (real, real_dtypes) == ("ok", (ms.float32, ms.float32)), (real, real_dtypes)
+    emulated, emulated_dtypes = _outcome(lambda: emulation.BNTrainingUpdateGrad("a2", 0.0)(x, x, c, c))
+    if rank == 4 and DTYPES[dtype] in (ms.float16, ms.float32):
+        assert (emulated, emulated_dtypes) == ("ok", real_dtypes), (emulated, emulated_dtypes)
+    else:
+        assert emulated == "RuntimeError", (dtype, rank, emulated)
+
+
 @pytest.fixture(scope="module")
 def graph_cpu():
     previous = ms.get_context("mode")
@@ -143,30 +197,13 @@ def test_stand_in_accepts_and_returns_the_dtypes_mindspore_infers(graph_cpu, nam
 @pytest.fixture(scope="module")
 def real_table(graph_cpu):
     """The Ascend table over the real primitives (inference only)."""
-    from ms_syncbn.kernels import ascend
-
-    saved = ascend.native
-    ascend.native = _InferredPrimitives()
-    try:
-        yield ascend.ascend_kernels.__wrapped__()
-    finally:
-        ascend.native = saved
+    yield _real_table()
 
 
-@pytest.fixture(scope="module")
-def real_table_uncentred(graph_cpu):
-    """The Ascend table over the real primitives with the uncentred backward reduction."""
-    from ms_syncbn.kernels import ascend
-
-    saved = ascend.native
-    ascend.native = _InferredPrimitives()
-    try:
-        with pytest.MonkeyPatch.context() as patch:  # read when the table is made, then undone
-            patch.setenv(ascend.BACKWARD_REDUCE_ENV, "uncentred")
-            table = ascend.ascend_kernels.__wrapped__()
-        yield table
-    finally:
-        ascend.native = saved
+@pytest.fixture(scope="module", params=["centred", "uncentred"])
+def real_table_switched(graph_cpu, request):
+    """The Ascend table over the real primitives with each other backward reduction."""
+    yield request.param, _real_table(request.param)
 
 
 class _Entry(nn.Cell):
@@ -213,22 +250,23 @@ def test_table_entry_compiles_over_the_real_primitives(real_table, entry, dtype,
 
 @pytest.mark.parametrize("batch", [N, 0], ids=["batch", "empty"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_uncentred_backward_reduce_compiles_over_the_real_primitive(real_table_uncentred, dtype, batch):
-    """MS_SYNCBN_ASCEND_BACKWARD_REDUCE=uncentred: BatchNormReduceGrad gets x and the mean as
-    they are (no centring pass), and the table still returns float32 sums."""
+def test_switched_backward_reduce_compiles_over_the_real_primitive(real_table_switched, dtype, batch):
+    """MS_SYNCBN_ASCEND_BACKWARD_REDUCE=centred (BatchNormReduceGrad on x - mean) and =uncentred
+    (x and the mean as they are, no centring pass): the table still returns float32 sums."""
+    mode, table = real_table_switched
     x, c, _ = _inputs(DTYPES[dtype], batch)
     sums = ms.Tensor(np.ones(2 * C, np.float32))
     count = ms.Tensor(np.array([float(N)], np.float32))
-    out = _Entry(real_table_uncentred, "backward_reduce")(x, x, c, sums, count)
-    assert out.dtype == ms.float32, (dtype, out.dtype)
+    out = _Entry(table, "backward_reduce")(x, x, c, sums, count)
+    assert out.dtype == ms.float32, (mode, dtype, out.dtype)
 
 
 def test_backward_reduce_switch_rejects_an_unknown_choice(monkeypatch):
     from ms_syncbn.kernels import ascend
 
-    monkeypatch.setenv(ascend.BACKWARD_REDUCE_ENV, "centered")
+    monkeypatch.setenv(ascend.BACKWARD_REDUCE_ENV, "centered")  # (the spelling is "centred")
     with pytest.raises(ValueError, match="MS_SYNCBN_ASCEND_BACKWARD_REDUCE must be one of"):
-        ascend.centred_backward_reduce()
+        ascend.backward_reduce_mode()
 
 
 # --- the stand-ins' arithmetic and empty inputs (PyNative) ---
@@ -264,10 +302,15 @@ def _large_mean_batch():
     return x, dy, mean, want
 
 
-def test_reduce_grad_stand_in_cancels_at_large_mean_and_the_table_does_not(pynative_cpu):
+@pytest.mark.parametrize("mode", ["update_grad", "centred"])
+def test_reduce_grad_stand_in_cancels_at_large_mean_and_the_table_does_not(pynative_cpu, monkeypatch,
+                                                                            mode):
     """The kernel's float32 sum(dy*x) - mean*sum(dy) cancels at mean 1e4 / std 2 (how much depends
-    on its summation order, which CPU ReduceSum does not reproduce); the table's centred call
-    does not."""
+    on its summation order, which CPU ReduceSum does not reproduce); the table's default
+    (BNTrainingUpdateGrad, the mean subtracted per element) and centred calls do not."""
+    from ms_syncbn.kernels import ascend
+
+    monkeypatch.setenv(ascend.BACKWARD_REDUCE_ENV, mode)
     x, dy, mean, want = _large_mean_batch()
     c = ms.Tensor(np.ones(C, np.float32))
     scale = np.abs(want).max()
