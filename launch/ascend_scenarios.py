@@ -2,10 +2,11 @@
 
     python launch/ascend_scenarios.py [--out DIR] [--timeout S]
 
-Four msrun jobs on this node's NPUs, with the layer's own (Ascend) kernel table:
+Five msrun jobs on this node's NPUs, with the layer's own (Ascend) kernel table:
 2 ranks in PyNative, 2 ranks in graph mode, 4 ranks in graph mode (with subgroups), the
-scenarios of tests/test_ascend_emulated.py, and 2 ranks in graph mode with the backward
-switch MS_SYNCBN_ASCEND_BACKWARD_REDUCE=uncentred. Each scenario's results are checked against
+scenarios of tests/test_ascend_emulated.py (the default backward reduction,
+BNTrainingUpdateGrad through MindSpore's aclop path), and 2 ranks in graph mode with each other
+choice of the backward switch MS_SYNCBN_ASCEND_BACKWARD_REDUCE (centred, uncentred). Each scenario's results are checked against
 the float64 reference on the concatenated batch exactly as the tests check the CPU and
 emulated runs (the one-value scenario: the guard stops that step without raising, its
 outputs are NaN, the state is unchanged and every rank keeps guard code 2, named); one line
@@ -35,13 +36,17 @@ JOBS = {  # name: (ranks, mode, scenarios); the emulated tier's scenarios
                                   "bfloat16", "float64", "rank3"]),
     "graph_4ranks": (4, "graph", ["world4_uneven", "world4_all_empty", "world4_large_mean",
                                   "world4_bfloat16", "world4_float64", "subgroups"]),
-    # The backward switch (README, "How dtypes are routed on Ascend"): BatchNormReduceGrad
-    # called as mint calls it. Not at a large mean, where that call cancels by design.
+    # The backward switch (README, "How dtypes are routed on Ascend"): BatchNormReduceGrad on
+    # x - mean (the fallback if the aclop kernel is missing), and called as mint calls it (not
+    # at a large mean, where that call cancels by design).
+    "graph_2ranks_centred": (2, "graph", ["uneven_4d", "empty_rank", "all_empty", "large_mean",
+                                          "float16", "bfloat16", "float64", "rank3"]),
     "graph_2ranks_uncentred": (2, "graph", ["uneven_4d", "empty_rank", "all_empty", "float16",
                                             "bfloat16", "float64", "rank3"]),
 }
 # Environment of a job, on top of this process's.
-JOB_ENV = {"graph_2ranks_uncentred": {BACKWARD_REDUCE_ENV: "uncentred"}}
+JOB_ENV = {"graph_2ranks_centred": {BACKWARD_REDUCE_ENV: "centred"},
+           "graph_2ranks_uncentred": {BACKWARD_REDUCE_ENV: "uncentred"}}
 
 
 def ascend_available():

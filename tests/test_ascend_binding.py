@@ -394,4 +394,5 @@ def test_real_npu_command_has_its_judges_and_jobs(monkeypatch):
         assert mode in ("pynative", "graph") and world in (2, 4), job
         missing = [name for name in scenarios if name not in sync_scenarios.SCENARIOS]
         assert not missing, (job, missing)
-    assert script.JOB_ENV == {"graph_2ranks_uncentred": {BACKWARD_REDUCE_ENV: "uncentred"}}
+    assert script.JOB_ENV == {"graph_2ranks_centred": {BACKWARD_REDUCE_ENV: "centred"},
+                              "graph_2ranks_uncentred": {BACKWARD_REDUCE_ENV: "uncentred"}}

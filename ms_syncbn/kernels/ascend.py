@@ -19,11 +19,17 @@ do what the native kernels do not (README, "How dtypes are routed on Ascend"):
   compile (PyNative ``jit`` under ``grad``: "func_graph->get_return() is null", in
   MaybeDropFuncGraphs) when a function with an ``if`` on a constant runs both in a Cell's
   forward and in its ``bprop``; each dtype decision is written where it is used.
-- precision. ``BatchNormReduceGrad`` computes sum(dy*x) - mean*sum(dy) in float32,
-  which cancels when |mean| >> std (0.6 % error at mean 1e4, std 2): the adapter
-  hands it x - mean, centred in float32, and a zero mean.
+- precision and passes. The backward reduction is ``BNTrainingUpdateGrad`` by default: it
+  subtracts the mean per element in float32 and sums in the same pass, so it reads dy and x
+  once, as mint's reduction does, and does not cancel at large |mean|/std. It is the kernel
+  MindSpore's own Ascend backend splits BatchNorm's backward into (its ``BnGradSplit`` pass),
+  run through the aclop path (no aclnn kernel; README, "How dtypes are routed on Ascend", for
+  the evidence and what is not verified). ``BatchNormReduceGrad`` (aclnn) computes
+  sum(dy*x) - mean*sum(dy) in float32, which cancels when |mean| >> std (0.6 % error at mean
+  1e4, std 2): BACKWARD_REDUCE_ENV chooses it instead, centred (x - mean in float32, one more
+  pass) or as mint calls it (uncentred).
 
-The tests run this table on CPU over stand-ins of the four primitives
+The tests run this table on CPU over stand-ins of the native primitives
 (tests/ascend_emulation.py) and check the real primitives' type inference with
 exactly these calls (tests/test_ascend_binding.py); see README, "What is verified where".
 """
