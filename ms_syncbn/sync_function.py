@@ -260,16 +260,14 @@ class SyncBatchNormFunction(Float32Cell):
         return mean, ops.rsqrt(var + eps), unbiased, group_count, ops.neg(negative_code), increment
 
     def _local_moments_stats(self, local_mean, local_var, count, eps):
-        """No group: the local moments are the statistics (count n static); the same outputs as
-        _group_moments_stats. One value per channel is caught from the shape before any kernel
-        runs; an empty batch leaves the state unchanged."""
+        """No group: the local moments are the statistics (n values per channel); the same outputs
+        as _group_moments_stats. One value per channel is caught from the shape before any
+        kernel runs; an empty batch leaves the state unchanged. No branch on n (a run-time
+        value in a graph compiled for dynamic shapes): the unbiased variance is
+        var * n^2 / (n (n - 1)), which is NaN for n = 0 and Inf for n = 1 (var > 0)."""
         n = ops.scalar_to_tensor(count, ms.float32).reshape((1,))
-        if count > 1:  # static shape: decided at compile time
-            unbiased = local_var * (count / (count - 1))
-            increment = ops.ones((1,), ms.float32)
-        else:
-            unbiased = local_var * float("nan")
-            increment = ops.zeros((1,), ms.float32)
+        unbiased = local_var * (n * n) / (n * (n - 1.0))
+        increment = (n > 0.5).astype(ms.float32)
         return local_mean, ops.rsqrt(local_var + eps), unbiased, n, self.no_code, increment
 
     def bprop(self, x, weight, bias, shift, eps, out, dout):
