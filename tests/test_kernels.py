@@ -20,7 +20,6 @@ must not depend on the world size.
 import ctypes
 import json
 import os
-import re
 import subprocess
 import sys
 import zlib

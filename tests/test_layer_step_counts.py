@@ -11,7 +11,6 @@ same rows for every table, with mint's). The counts are exact: a change that bri
 back fails here. The CPU table's counts are held by tests/test_bench_smoke.py (its step runs
 under msrun).
 """
-import numpy as np
 import mindspore as ms
 import pytest
 

@@ -97,7 +97,12 @@ def _like(y, x):
 
 
 def _update_grad_input(x):
-    """x as BNTrainingUpdateGrad takes it: float16/float32 as they are, anything else as float32."""
+    """x as BNTrainingUpdateGrad takes it: float16/float32 as they are, anything else as float32.
+
+    The same routing as _stats_input, written again on purpose: this one runs in the bprop, that
+    one in the forward, and MindSpore 2.10 does not compile a function with a branch that runs in
+    both (see the module docstring).
+    """
     if x.dtype == ms.float16 or x.dtype == ms.float32:
         routed = x
     else:
