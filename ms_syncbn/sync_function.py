@@ -157,7 +157,6 @@ class SyncBatchNormFunction(Float32Cell):
         # a power of two; otherwise within a few float32 roundings of n_i, which moves the
         # unbiased variance by ~W * 2^-24 relative, below its float32 rounding at any real N).
         self.one_over_group = 1.0 / max(group_size, 1)
-        self.count_checks = Tensor([1.0, 0.0], ms.float32)  # N == 1, N == 0
         self.row_minimum = ops.ReduceMin()
         # The primitive: ops.addcmul wraps `value` in Tensor(), which a graph cannot type.
         self.addcmul = ops.Addcmul()
@@ -247,7 +246,7 @@ class SyncBatchNormFunction(Float32Cell):
         # (3,) [N | N | C slot] == [1 | 0 | W C] -> (3, 3) verdict -> row minima (3,):
         # q (1 or -inf: stop), -code (0, -GUARD_SINGLE_VALUE or -GUARD_CHANNELS_DIFFER, which
         # wins), increment (1 or 0). One value per channel, or none, stops the step's state too.
-        expected = ops.cat((self.count_checks, ops.fill(ms.float32, (1,), float(channels * self.group_size))))
+        expected = Tensor([1.0, 0.0, float(channels * self.group_size)], ms.float32)  # a constant
         verdict = self.row_minimum(ops.select(checks == expected, self.verdict_if_equal,
                                               self.verdict_if_unequal), 1)
         q, negative_code, increment = self.split(verdict, (1, 1, 1))
