@@ -445,7 +445,7 @@ class SyncBatchNorm(Float32Cell):
             running_mean, running_var, factor = self.stat_shift, self.stat_shift, momentum
         new_shift, new_mean, new_var = self.update_stats(mean, var, self.stat_shift, running_mean,
                                                          running_var, factor)
-        if not self.group_stats.two_pass:  # static: the moments protocol never reads the shift
+        if self.group_stats.reads_shift:  # static: a table whose local_moments ignores the hint
             ops.assign(self.stat_shift, new_shift)
         if tracked:
             ops.assign(self.running_mean, new_mean.astype(self.param_dtype))

@@ -132,6 +132,8 @@ class SyncBatchNormFunction(Float32Cell):
         # shifted sums with their rare re-centring pass (see the module docstring).
         self.two_pass = kernels.local_moments is not None
         self.guard = kernels.guard
+        self.guard_raises = kernels.guard_raises
+        self.reads_shift = kernels.guard_raises  # PROTOTYPE
         self.check_pairing = kernels.check_pairing
         # The primitive, not ops.split: a Python function with a branch run both in construct and
         # in bprop does not compile in MindSpore 2.10 (kernels/ascend.py).
@@ -182,7 +184,9 @@ class SyncBatchNormFunction(Float32Cell):
 
     def construct(self, x, weight, bias, shift, eps):
         if self.two_pass:  # a static choice of the kernel table: no branch in the graph
-            mean, invstd, var, count, code, increment = self._group_moments_stats(x, eps)
+            mean, invstd, var, count, code, increment = self._group_moments_stats(x, shift, eps)
+            if self.guard_raises and self.synchronized:
+                invstd = self.stop_if(invstd, code)
         else:
             # (1,), (1,), (4,) -> (6,) [group size | eps | re-centring ratio | tolerance | the
             # codes of "channels differ" and "single value"]
@@ -205,7 +209,7 @@ class SyncBatchNormFunction(Float32Cell):
         y = self.normalize(x, mean, invstd, weight, bias)
         return y, mean, invstd, var, count, code, increment
 
-    def _group_moments_stats(self, x, eps):
+    def _group_moments_stats(self, x, shift, eps):
         """x (N, C, *), eps (1,) -> mean, invstd, unbiased var (C,), count, code, increment (1,):
         the group's statistics from the ranks' moments, in two all-reduces and without a branch
         (tables with ``local_moments``); identical on every rank.
@@ -229,7 +233,7 @@ class SyncBatchNormFunction(Float32Cell):
         """
         channels = x.shape[1]
         count = x.size // channels  # n_i: a constant of the compiled graph for a static shape
-        local_mean, local_var = self.local_moments(x)  # (C,), (C,)
+        local_mean, local_var = self.local_moments(x, shift)  # (C,), (C,)
         if not self.synchronized:
             return self._local_moments_stats(local_mean, local_var, count, eps)
         # (No float(): on an int unknown until run time, a graph compiled for dynamic shapes

@@ -159,6 +159,7 @@ class BatchNormKernels(NamedTuple):
     fingerprint: Any
     check_pairing: Any
     local_moments: Any = None  # optional: see the module docstring
+    guard_raises: bool = False
 
 
 def kernels_for(device_target: str) -> BatchNormKernels:

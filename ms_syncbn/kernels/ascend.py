@@ -178,7 +178,7 @@ class _LocalMoments(nn.Cell):
         super().__init__()
         self.stats = native.BatchNormStats()
 
-    def construct(self, x):
+    def construct(self, x, shift):
         channels = x.shape[1]
         if x.size == 0:  # static shape: decided at compile time, no graph branch
             mean = ops.zeros((channels,), ms.float32)

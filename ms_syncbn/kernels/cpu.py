@@ -114,4 +114,8 @@ def cpu_kernels() -> BatchNormKernels:
                               lambda values, r, t, g, k, text: values),
         # invstd (C,), modulus (1,) -> (1,) f32
         fingerprint=_custom("Fingerprint", ("invstd", "modulus"), lambda s, q: ms.float32),
+        # x (N, C, *), shift (C,) -> mean_i, var_i (C,) f32
+        local_moments=_custom("LocalMoments", ("x", "shift"), lambda x, k: (ms.float32,) * 2,
+                              outputs=("mean", "var")),
+        guard_raises=True,
     )

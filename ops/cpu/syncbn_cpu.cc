@@ -108,7 +108,7 @@ constexpr int64_t kBlock = 2048;
 
 // A kernel on one dtype: params in contract order (inputs, then the output).
 typedef void (*KernelFn)(void **params, NCS view);
-enum Kernel { kLocalStats, kNormalize, kBackwardReduce, kBackwardElemt, kNumKernels };
+enum Kernel { kLocalStats, kLocalMoments, kNormalize, kBackwardReduce, kBackwardElemt, kNumKernels };
 // [kernel][dtype] for the four supported dtypes, in DType order.
 typedef KernelFn KernelTable[kNumKernels][4];
 
@@ -235,6 +235,19 @@ extern "C" int LocalStats(int nparam, void **params, int *ndims, int64_t **shape
 }
 // x (N, C, *), shift (C,) -> (3C+1,)
 MSSBN_INFER_SHAPE(LocalStats) { return mssbn::per_channel(ndims, shapes, 0, 1, 3, 1); }
+
+// LocalMoments: x (N, C, *), shift (C,) f32 -> mean, var (C,) f32 (local_moments)
+extern "C" int LocalMoments(int nparam, void **params, int *ndims, int64_t **shapes,
+                            const char **dtypes, void *, void *) {
+  if (nparam != 4 || ndims[0] < 2 || ndims[1] != 1 || shapes[1][0] != shapes[0][1] ||
+      std::strcmp(dtypes[1], "float32") != 0)
+    return 1;
+  return mssbn::run(mssbn::kLocalMoments, dtypes[0], params, mssbn::ncs_of(ndims[0], shapes[0]));
+}
+MSSBN_INFER_SHAPES(LocalMoments) {
+  const mssbn::Shape c = mssbn::per_channel(ndims, shapes, 0, 1, 1, 0);
+  return mssbn::Shapes{c, c};
+}
 
 extern "C" int Normalize(int nparam, void **params, int *ndims, int64_t **shapes,
                          const char **dtypes, void *, void *) {
@@ -833,16 +846,18 @@ inline void elementwise(int64_t len, T *y, const Elem &f) {
 // One pass over x; x-K is formed in the compute type, the sums accumulate as
 // described at the top (blocks of kBlock in the compute type, then double);
 // n*K is computed in double.
+// Per-channel sums of x-K and (x-K)^2 over the local batch, in double, for
+// a per-channel K in the compute type (sums[0:C] and sums[C:2C]). One pass over
+// x; x-K is formed in the compute type, the sums accumulate as described at the
+// top (blocks of kBlock in the compute type, then double).
 template <typename T>
-void local_stats(const T *x, const float *shift, float *out, NCS v) {
+void shifted_sums(const T *x, const std::vector<typename Lanes<T>::CT> &k, double *sums, NCS v) {
   typedef Lanes<T> L;
   typedef typename L::CT CT;
   const int64_t C = v.c, S = v.s;
-  std::vector<double> sums(2 * C, 0.0);  // [ sum(x-K) | sum((x-K)^2) ]
-  std::vector<CT> k(C);
-  for (int64_t c = 0; c < C; ++c) k[c] = static_cast<CT>(shift[c]);
+  const CT *kp = k.data();
+  std::fill(sums, sums + 2 * C, 0.0);
   if (S == 1) {
-    const CT *kp = k.data();
     column_sums<T>(v.n, C, [x, kp, C](int64_t n, int64_t c, auto &u, auto &w) {
       typedef typename std::remove_reference<decltype(u)>::type U;
       U kv;
@@ -850,9 +865,8 @@ void local_stats(const T *x, const float *shift, float *out, NCS v) {
       L::load(x + n * C + c, u);
       u -= kv;
       w = u;
-    }, sums.data(), sums.data() + C);
+    }, sums, sums + C);
   } else {
-    const CT *kp = k.data();
     plane_sums<T>(v, [x, kp, C, S](int64_t n, int64_t c) {
       const T *p = x + (n * C + c) * S;
       const CT kc = kp[c];
@@ -861,15 +875,82 @@ void local_stats(const T *x, const float *shift, float *out, NCS v) {
         u -= kc;
         w = u;
       };
-    }, sums.data(), sums.data() + C);
+    }, sums, sums + C);
   }
-  const double count = static_cast<double>(v.n) * static_cast<double>(S);
+}
+
+// ------------------------------------------------------------ local_stats --
+// Contract:
+//   in  x      (N, C, *)  f16 | bf16 | f32 | f64
+//   in  shift  (C,)       f32   per-channel shift K, identical on every rank
+//   out stats  (3C+1,)    f32   [ sum(x-K) (C) | sum((x-K)^2) (C) | n*K (C) | n (1) ]
+//                               with n = N * prod(shape[2:]) the local count.
+// Sums are exact sums of the local batch (not means), so the caller can
+// all-reduce the vector as is; an empty batch (N = 0) yields all zeros.
+// One pass over x (shifted_sums); n*K is computed in double.
+template <typename T>
+void local_stats(const T *x, const float *shift, float *out, NCS v) {
+  typedef typename Lanes<T>::CT CT;
+  const int64_t C = v.c;
+  std::vector<double> sums(2 * C);  // [ sum(x-K) | sum((x-K)^2) ]
+  std::vector<CT> k(C);
+  for (int64_t c = 0; c < C; ++c) k[c] = static_cast<CT>(shift[c]);
+  shifted_sums<T>(x, k, sums.data(), v);
+  const double count = static_cast<double>(v.n) * static_cast<double>(v.s);
   for (int64_t c = 0; c < C; ++c) {
     out[c] = static_cast<float>(sums[c]);
     out[C + c] = static_cast<float>(sums[C + c]);
     out[2 * C + c] = static_cast<float>(count * static_cast<double>(shift[c]));
   }
   out[3 * C] = static_cast<float>(count);
+}
+
+// ---------------------------------------------------------- local_moments --
+// Contract:
+//   in  x      (N, C, *)  f16 | bf16 | f32 | f64
+//   in  shift  (C,)       f32   a hint: a value near each channel's mean (the
+//                               layer's previous group mean); any finite value works
+//   out mean   (C,)       f32   the local mean m = sum(x) / n
+//   out var    (C,)       f32   the local biased variance sum((x-m)^2) / n
+// with n = N * prod(shape[2:]); zeros for an empty batch. Both are as exact as
+// two passes around the mean, whatever the hint: one pass gives the shifted
+// sums around K = shift (d = sum(x-K)/n, var = sum((x-K)^2)/n - d^2, in double);
+// the subtraction loses about d^2 / var of the precision of the sums, so a channel
+// with d^2 > kRecentreRatio * var (+ a tolerance for a constant channel) is summed
+// again around K = its mean (a second pass over x, taken inside the kernel: no
+// branch in the caller's graph). A NaN or Inf in a channel gives NaN/Inf there.
+constexpr double kRecentreRatio = 64.0;          // 8 standard deviations: ~6 bits
+constexpr double kRecentreMeanTolerance = 0x1p-20;  // of |mean|, for var = 0
+template <typename T>
+void local_moments(const T *x, const float *shift, float *mean, float *var, NCS v) {
+  typedef typename Lanes<T>::CT CT;
+  const int64_t C = v.c;
+  const double n = static_cast<double>(v.n) * static_cast<double>(v.s);
+  if (n == 0) {
+    std::fill(mean, mean + C, 0.0f);
+    std::fill(var, var + C, 0.0f);
+    return;
+  }
+  std::vector<double> sums(2 * C);
+  std::vector<CT> k(C);
+  for (int64_t c = 0; c < C; ++c) k[c] = static_cast<CT>(std::isfinite(shift[c]) ? shift[c] : 0.0f);
+  bool again = true;
+  for (int pass = 0; pass < 2 && again; ++pass) {
+    shifted_sums<T>(x, k, sums.data(), v);
+    again = false;
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = sums[c] / n;
+      const double m = static_cast<double>(k[c]) + d;
+      const double vb = std::max(sums[C + c] / n - d * d, 0.0);
+      const double tol = kRecentreMeanTolerance * m;
+      if (pass == 0 && d * d > kRecentreRatio * vb + tol * tol) {
+        k[c] = static_cast<CT>(m);  // NaN/Inf channels: d*d is not > anything: kept
+        again = true;
+      }
+      mean[c] = static_cast<float>(m);
+      var[c] = std::isnan(sums[C + c]) ? static_cast<float>(sums[C + c]) : static_cast<float>(vb);
+    }
+  }
 }
 
 // -------------------------------------------------------------- normalize --
@@ -1052,6 +1133,9 @@ template <typename T> T *as(void *p) { return static_cast<T *>(p); }
 template <typename T> void run_local_stats(void **p, NCS v) {
   local_stats<T>(as<const T>(p[0]), as<const float>(p[1]), as<float>(p[2]), v);
 }
+template <typename T> void run_local_moments(void **p, NCS v) {
+  local_moments<T>(as<const T>(p[0]), as<const float>(p[1]), as<float>(p[2]), as<float>(p[3]), v);
+}
 template <typename T> void run_normalize(void **p, NCS v) {
   normalize<T>(as<const T>(p[0]), as<const float>(p[1]), as<const float>(p[2]),
                as<const float>(p[3]), as<const float>(p[4]), as<T>(p[5]), v);
@@ -1071,7 +1155,8 @@ template <typename T> void run_backward_elemt(void **p, NCS v) {
 
 // [kernel][dtype], dtypes in DType order: f16, bf16, f32, f64.
 #define MSSBN_ROW(fn) {fn<f16>, fn<bf16>, fn<float>, fn<double>}
-extern const KernelTable kernels = {MSSBN_ROW(run_local_stats), MSSBN_ROW(run_normalize),
+extern const KernelTable kernels = {MSSBN_ROW(run_local_stats), MSSBN_ROW(run_local_moments),
+                                    MSSBN_ROW(run_normalize),
                                     MSSBN_ROW(run_backward_reduce), MSSBN_ROW(run_backward_elemt)};
 #undef MSSBN_ROW
 
