@@ -18,7 +18,7 @@ and, with --components, the floor of a step and the parts of a SyncBatchNorm ste
 * ``torch_floor`` the same for PyTorch (if --torch);
 * ``syncbn_fwd``  the SyncBatchNorm forward alone;
 * ``kernels``     the four CPU kernels chained, without the layer's small per-channel ops;
-* ``allreduce``   the two collectives of a step, (3C+2,) and (2C+1,) float32 (world > 1).
+* ``allreduce``   the three collectives of a step, (C+5,), (C,) and (2C+1,) float32 (world > 1).
 
 A step is the forward and the backward of the layer for a fixed random upstream
 gradient dy -- the gradients with respect to x and the parameters (one compiled
@@ -79,29 +79,34 @@ def main():
             return x
 
     class ChainedKernels(nn.Cell):
-        """The four kernels of a step, fed with fixed per-channel tensors."""
+        """The four activation-sized kernels of a step, fed with fixed per-channel tensors."""
 
         def __init__(self):
             super().__init__()
-            self.local_stats = kernels.local_stats
+            self.local_moments = kernels.local_moments
             self.normalize = kernels.normalize
             self.backward_reduce = kernels.backward_reduce
             self.backward_elemt = kernels.backward_elemt
 
         def construct(self, x, dy, mean, invstd, weight, bias, count):
-            stats = self.local_stats(x, mean)
+            stats = self.local_moments(x, mean)
             y = self.normalize(x, mean, invstd, weight, bias)
             sum_dy, sum_dy_xmu, _, _ = self.backward_reduce(dy, x, mean, invstd)
             dx = self.backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
             return stats, y, dx
 
-    class TwoAllReduces(nn.Cell):
+    class StepAllReduces(nn.Cell):
+        """The step's three collectives, each after the one before (as the layer's data orders
+        them)."""
+
         def __init__(self):
             super().__init__()
             self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM)
 
-        def construct(self, forward_payload, backward_payload):
-            return self.all_reduce(forward_payload), self.all_reduce(backward_payload)
+        def construct(self, first, second, backward):
+            first = self.all_reduce(first)
+            second = self.all_reduce(ops.depend(second, first))
+            return first, second, self.all_reduce(ops.depend(backward, second))
 
     class RecordingAllReduce(nn.Cell):
         """The layer's all-reduce, recording the element count of each payload (PyNative)."""
@@ -219,11 +224,10 @@ def main():
                 candidates["kernels"] = lambda: sync(chained(x, dy, per_channel, per_channel,
                                                              per_channel, per_channel, count))
                 if world > 1:
-                    two_all_reduces = TwoAllReduces()
-                    forward_payload = ms.Tensor(np.ones(3 * channels + 2, np.float32))
-                    backward_payload = ms.Tensor(np.ones(2 * channels + 1, np.float32))
-                    candidates["allreduce"] = lambda: sync(two_all_reduces(forward_payload,
-                                                                           backward_payload))
+                    step_all_reduces = StepAllReduces()
+                    payloads = [ms.Tensor(np.ones(n, np.float32))
+                                for n in (channels + 5, channels, 2 * channels + 1)]
+                    candidates["allreduce"] = lambda: sync(step_all_reduces(*payloads))
             names = list(candidates)
             for name in names:  # compile and warm up
                 for _ in range(args.warmup):

@@ -126,12 +126,12 @@ class SyncBatchNorm(Float32Cell):
             `num_features` (code 3) or the group's batch holds a single value per channel
             (code 2), or, in the backward, if this layer's all-reduce was paired with
             another layer application's on some rank (code 4: e.g. the ranks ran parallel
-            branches' backward passes in different orders). The step stops in the guard
-            kernel; the message (also written to stderr) names the check, the layer (its
-            path in the model) and the causes that fit
-            (:data:`ms_syncbn.kernels.GUARD_MEANINGS`). On Ascend the guard cannot raise
-            without a device-to-host read per layer and step: it makes that step's outputs
-            and gradients NaN instead, and codes 2 and 3 are kept in the layer's
+            branches' backward passes in different orders). The step stops in the kernel
+            that checks it; the message (also written to stderr) names the check, the layer
+            (its path in the model) and the causes that fit
+            (:data:`ms_syncbn.kernels.GUARD_MEANINGS`). On Ascend a kernel cannot raise
+            without a device-to-host read per layer and step: that step's outputs and
+            gradients are NaN instead, and codes 2 and 3 are kept in the layer's
             ``guard_code`` buffer, which :func:`ms_syncbn.check_guard_codes` and the
             ``Model.train`` callback :class:`ms_syncbn.GuardCodeCheck` raise by name.
 
@@ -192,16 +192,17 @@ class SyncBatchNorm(Float32Cell):
             self.running_mean = None
             self.running_var = None
             self.num_batches_tracked = None
-        # Centre of the shifted sums (see ms_syncbn.sync_function): the last group mean.
-        # Only ever set from all-reduced values, so it is identical on every rank.
+        # A hint for the local statistics kernel, which may centre its sums on it (the CPU
+        # kernel does: ms_syncbn.kernels): the last group mean. Only ever set from all-reduced
+        # values, so it is identical on every rank; a table that does not read it leaves it.
         self.stat_shift = Parameter(Tensor(np.zeros((num_features,), np.float32)),
                                     name="stat_shift", requires_grad=False)
         # The largest guard code that stopped one of this layer's training steps (0: none).
-        # Tables whose guard poisons instead of raising (Ascend) leave the error here, to be
+        # Tables whose checks poison instead of raising (Ascend) leave the error here, to be
         # read off the hot path and raised by name (ms_syncbn.guard_check).
         self.guard_code = Parameter(Tensor(np.zeros((1,), np.float32)), name="guard_code",
                                     requires_grad=False)
-        self.guard_where = None  # the layer as the guard's errors name it (_describe)
+        self.guard_where = None  # the layer as the checks' errors name it (_describe)
         self._ones = Tensor(np.ones((num_features,), np.float32))
         self._zeros = Tensor(np.zeros((num_features,), np.float32))
 
@@ -217,7 +218,7 @@ class SyncBatchNorm(Float32Cell):
         # amp asked for, which the output takes; None keeps the input's dtype.
         self.amp_output_dtype = None
 
-    # Errors of the guard kernel name the layer by its path in the model, the prefix of its
+    # Errors of the checking kernels name the layer by its path in the model, the prefix of its
     # parameters' names. Those names change when the layer (or a parent) is attached or
     # converted, so the description is refreshed at attachment, at set_train (which every
     # training script calls on the whole model) and at every PyNative call; a compiled
@@ -250,8 +251,8 @@ class SyncBatchNorm(Float32Cell):
         Re-estimating the statistics (e.g. after weight averaging, as
         ``torch.optim.swa_utils.update_bn`` does) is this, ``momentum = None`` (a cumulative
         average over the batches that follow) and training-mode passes over the data. Call it
-        on every rank: the statistics are the group's. ``stat_shift`` (the centre of the
-        synchronized sums, identical on every rank) and ``guard_code`` are kept.
+        on every rank: the statistics are the group's. ``stat_shift`` (the hint of the local
+        statistics kernel, identical on every rank) and ``guard_code`` are kept.
         """
         if self.running_mean is None:
             return
@@ -392,10 +393,11 @@ class SyncBatchNorm(Float32Cell):
         """One training step of the layer: x -> y, and the state updated.
 
         Errors that only the all-reduced sums reveal (the ranks disagree on
-        num_features; the group's batch holds one value per channel) stop the step in
-        the guard kernel, identically on every rank, and leave the state unchanged. No
-        branch and no host read: a branch on a tensor costs ~1 ms per layer and step in
-        a CPU graph, and a host read would stall PyNative's dispatch at every layer.
+        num_features; the group's batch holds one value per channel) stop the step,
+        identically on every rank, and leave the state unchanged. No branch and no host
+        read: a branch on a tensor splits a CPU graph (about half a millisecond per layer and
+        step) and needs the host on Ascend, and a host read would stall PyNative's dispatch
+        at every layer.
         eps (1,) and momentum (1,) are the layer's; the constants cumulative (momentum is None)
         and tracked (track_running_stats) say how the running statistics are updated.
         """
@@ -418,7 +420,7 @@ class SyncBatchNorm(Float32Cell):
         return self.local_batch_stats(x, weight, bias, self.stat_shift, eps)[0]
 
     def _update_state(self, mean, var, code, increment, momentum, cumulative, tracked):
-        """Shift and running statistics from the group statistics of one training step.
+        """Shift hint and running statistics from the group statistics of one training step.
 
         `var` is the group's unbiased variance, non-finite on every channel of a step that must
         not change the state (stopped by a guard code, or fewer than 2 values per channel in
@@ -426,7 +428,7 @@ class SyncBatchNorm(Float32Cell):
         value, so NaN or Inf in a batch shows in that step's output and loss but never reaches
         the state that later steps and evaluation use. A code other than 0 is kept in
         ``guard_code`` (the largest so far), where ms_syncbn.guard_check finds it when the
-        table's guard stopped the step without raising; `increment` (1 or 0) is added to
+        table stopped the step without raising; `increment` (1 or 0) is added to
         num_batches_tracked. (One ``update_stats`` kernel: the arithmetic is stated there.)
         """
         code, mean, var = ops.stop_gradient(code), ops.stop_gradient(mean), ops.stop_gradient(var)

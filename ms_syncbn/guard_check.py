@@ -1,9 +1,9 @@
-"""Named errors for training steps that a layer's guard stopped without raising (Ascend).
+"""Named errors for training steps that a layer's checks stopped without raising (Ascend).
 
 The forward checks of a synchronized step (the ranks disagree on ``num_features``: guard code
 3; the group's batch holds one value per channel: code 2) are decided from all-reduced
-numbers on the device. The CPU guard kernel raises there and then. The Ascend table cannot
-without a device-to-host read per layer and step, so its guard poisons the step instead (the
+numbers on the device. The CPU kernel that checks them raises there and then. The Ascend table
+cannot without a device-to-host read per layer and step, so it poisons the step instead (the
 layer's outputs and gradients are NaN, its state is unchanged) and the layer keeps the code in
 its ``guard_code`` buffer, the largest code so far (0: none). The poison does not always reach
 the loss: MindSpore's ReLU turns NaN into 0 (measured on CPU: a poisoned step behind a ReLU
@@ -47,7 +47,7 @@ def check_guard_codes(network):
     Raises:
         RuntimeError: If a layer's ``guard_code`` is set: the message names each such layer
             (its path in the model), the check that stopped its step and the causes that fit,
-            as the CPU guard kernel's error does.
+            as the CPU kernel's error does.
 
     Supported Platforms:
         ``Ascend`` ``CPU``

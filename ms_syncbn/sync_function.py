@@ -1,4 +1,4 @@
-"""The synchronized batch-norm function: local statistics -> one all-reduce -> combine -> normalize.
+"""The synchronized batch-norm function: local moments -> two small all-reduces -> normalize.
 
 ``SyncBatchNormFunction`` is a Cell with ``construct`` and ``bprop``; the
 backward is the mirror image: local reductions -> one all-reduce -> element-wise.
@@ -6,42 +6,31 @@ It owns the collectives; the kernels it calls never communicate, and the layer
 that calls it owns all state. The same code runs on every backend: only the
 kernel table differs.
 
-Numerics. Each rank sends, per channel, shifted sums around a shift K that is
-the same on every rank (the layer keeps it: the previous group mean):
+Numerics. Rank i has n_i values per channel with mean m_i and biased variance v_i
+(``local_moments``: as exact as two passes around the mean). With N = sum(n_i) and the
+group mean m = sum(n_i m_i) / N, the group's sum of squared deviations is
 
-    [ sum(x-K) (C) | sum((x-K)^2) (C) | n*K (C) | n (1) | C (1) ]   (3C+2,) float32
+    M2 = sum over ranks of  n_i (v_i + (m_i - m)^2)
 
-so the payload is O(C) whatever the world size, and an empty rank (n = 0)
-simply sends zeros. The last slot sums to group_size * C exactly when every
-rank's layer has C channels; anything else is reported (the layer stops the
-step) instead of mixing layers. After the all-reduce (sums S1, S2, Q, N), the
-``finalize_stats`` kernel computes, per channel:
-
-    mean = Q/N + S1/N         exact even if the ranks' K differ
-    var  = S2/N - (S1/N)^2    exact when every rank used the same K
-
-The subtraction in var loses about (S1/N)^2 / var of float32's precision, so K
-must be near the mean. When it is not (first step: K = 0; a shift in the data),
-i.e. (S1/N)^2 > RESHIFT_RATIO * var, finalize_stats says so; every rank takes
-the same decision from the same reduced numbers and repeats the pass once
-around K = mean: a second all-reduce in that step only.
-
-Tables whose statistics kernel centres on the local mean (Ascend's
-BatchNormStats) give ``local_moments`` instead, and the forward takes two
-small all-reduces and no branch:
+and every term of it is taken around a mean already close to the data (m_i locally, m after
+the first all-reduce), so nothing cancels whatever the mean's magnitude. The forward takes
+two all-reduces of O(C) floats, whatever the world size, and no branch:
 
     first   [ n_i * m_i (C) | n_i | n_i - 1/W | n_i | n_i | C ]   (C+5,)
-            -> N, N - 1, the checks, m = sum(n_i m_i) / N
+            -> N, N - 1, the checks, m = sum(n_i m_i) / N          (combine_moments)
     second  [ n_i * (v_i + q (m_i - m)^2) (C) ]                   (C,)
-            -> M2, var = M2 / N, unbiased var = M2 / (N - 1)
+            -> M2, var = M2 / N, unbiased var = M2 / (N - 1)       (finalize_moments)
 
-with m_i and v_i the rank's own mean and biased variance, W the group size and q = 1,
-or q = -inf when the step must stop (the checks: the ranks disagree on num_features, the
-group holds one value per channel, or none): M2, and so the variance, invstd, y and every
-statistic the state reads, are then non-finite, with no guard kernel and no branch.
-Nothing there cancels, whatever the mean's magnitude, so there is no re-centring
-pass, and no data-dependent branch: on Ascend a branch needs its condition on the
-host, a device-to-host round trip per layer and step.
+with W the group size and q = 1, or q = -inf when the step must stop (the checks: the ranks
+disagree on num_features, which the last slot shows, as it sums to W * C only when every
+rank's layer has C channels; the group holds one value per channel; or none): M2, and so
+the variance, invstd, y and every statistic the state reads, are then non-finite, with no
+guard kernel and no branch (on Ascend a branch needs its condition on the host, a
+device-to-host round trip per layer and step; in a CPU graph it splits the step into
+several kernel graphs). A table that can stop a step on the host (CPU) raises the code's
+error in combine_moments, before the second all-reduce, on every rank alike. An empty
+rank (n_i = 0) sends zeros. Every slot of the first payload but n_i * m_i is a constant of
+the compiled graph (n_i is the static x.size / C), so the checks cost no kernel to send.
 
 The backward sends [ sum(dy) (C) | sum(dy*(x-mean)) (C) | fingerprint (1) ]
 (2C+1,). The fingerprint identifies this application of this layer in this step
@@ -57,13 +46,6 @@ from mindspore.ops.auto_generate import SplitWithSize
 
 from ms_syncbn.kernels import GUARD_CHANNELS_DIFFER, GUARD_MISPAIRED, GUARD_SINGLE_VALUE, guard_text
 from ms_syncbn.precision import Float32Cell
-
-# Re-centre when the shift is further than sqrt(64) = 8 standard deviations
-# from the mean: beyond that float32 loses more than ~6 bits of the variance.
-RESHIFT_RATIO = 64.0
-# A constant channel (var = 0) re-centres only when its shift is off by more
-# than this fraction of the mean: float32 rounding of the mean stays below it.
-RESHIFT_MEAN_TOLERANCE = 2.0 ** -20
 
 # Fingerprints are integers in [0, FINGERPRINT_MODULUS): their sum over a group of W ranks is
 # exact in float32 while W * FINGERPRINT_MODULUS < 2**24 (larger groups use a smaller modulus).
@@ -84,7 +66,9 @@ class SyncBatchNormFunction(Float32Cell):
         - **x** (Tensor) - (N, C, *), float16, bfloat16, float32 or float64.
         - **weight** (Tensor) - (C,) float32.
         - **bias** (Tensor) - (C,) float32.
-        - **shift** (Tensor) - (C,) float32, identical on every rank of the group.
+        - **shift** (Tensor) - (C,) float32, a value near each channel's mean (the layer's
+          previous group mean), which the table's ``local_moments`` may centre its sums on;
+          any finite value gives the same statistics.
         - **eps** (Tensor) - (1,) float32, added to the variance before the square root (an
           input, not a constant: the layer's eps may change between calls).
 
@@ -104,50 +88,41 @@ class SyncBatchNormFunction(Float32Cell):
         - **increment** (Tensor) - (1,) float32, 1 if the step counts for num_batches_tracked
           (code 0 and a non-empty group batch), else 0.
 
-        A step with a code is stopped without a branch on a tensor (a branch costs about a
-        millisecond per layer and step in a CPU graph, and a device-to-host round trip on
-        Ascend): the shifted-sums protocol routes invstd through the table's guard (the CPU
-        guard raises a RuntimeError carrying the code); the moments protocol makes its
-        variance, and so invstd, y and the gradients, non-finite, and the caller keeps the code
-        for a later, named error (ms_syncbn.guard_check).
+        A step with a code is stopped without a branch on a tensor: its variance, and so
+        invstd, y and the gradients, are non-finite; the CPU table's combine_moments also
+        raises a RuntimeError naming the layer and the check, and otherwise the caller keeps
+        the code for a later, named error (ms_syncbn.guard_check).
     """
 
     def __init__(self, kernels, all_reduce=None, group_size=1):
         super().__init__()
         # The backward payload carries a fingerprint of the layer application (see the
         # module docstring) to catch collectives of two layers paired with each other
-        # (a compiled step orders them only while they share a kernel graph: README, Known
-        # issues; control flow around a layer can separate them).
+        # (a compiled step orders them only where data or the graph's structure does: README,
+        # Known issues; control flow around a layer can separate them).
         self.checks_pairing = all_reduce is not None
         self.fingerprint_modulus = Tensor(
             [float(min(FINGERPRINT_MODULUS, (2 ** 24 - 1) // max(group_size, 1)))], ms.float32)
         self.guard_text = Tensor(guard_text("(unnamed)"))
-        self.local_stats = kernels.local_stats
+        self.local_moments = kernels.local_moments
+        self.combine_moments = kernels.combine_moments
+        self.finalize_moments = kernels.finalize_moments
         self.normalize = kernels.normalize
         self.backward_reduce = kernels.backward_reduce
         self.backward_elemt = kernels.backward_elemt
-        self.finalize_stats = kernels.finalize_stats
-        self.local_moments = kernels.local_moments
-        # Tables with local_moments use the two-all-reduce moments protocol; the others the
-        # shifted sums with their rare re-centring pass (see the module docstring).
-        self.two_pass = kernels.local_moments is not None
-        self.guard = kernels.guard
-        self.guard_raises = kernels.guard_raises
-        self.reads_shift = kernels.guard_raises  # PROTOTYPE
         self.check_pairing = kernels.check_pairing
+        self.fingerprint = kernels.fingerprint
+        # Whether the layer must keep the shift hint up to date (a static fact of the table).
+        self.reads_shift = kernels.reads_shift
         # The primitive, not ops.split: a Python function with a branch run both in construct and
         # in bprop does not compile in MindSpore 2.10 (kernels/ascend.py).
         self.split = SplitWithSize()
-        self.fingerprint = kernels.fingerprint
-        # finalize_stats' parameters but eps: [group size] and [re-centring ratio | tolerance]
         self.group_size_value = Tensor([float(group_size)], ms.float32)
         self.no_code = Tensor([0.0], ms.float32)
         self.mispaired_code = Tensor([GUARD_MISPAIRED], ms.float32)
-        self.reshift_params = Tensor([RESHIFT_RATIO, RESHIFT_MEAN_TOLERANCE, GUARD_CHANNELS_DIFFER,
-                                      GUARD_SINGLE_VALUE], ms.float32)
-        # The moments protocol's verdict (see _group_moments_stats): per check [N == 1 | N == 0 |
-        # channel slot == C * W], what each outcome contributes to the rows [q | -code | increment];
-        # each row's minimum is its value. (3, 3) float32 each.
+        # The checks' verdict (combine_moments): per check [N == 1 | N == 0 | channel slot ==
+        # C * W], what each outcome contributes to the rows [q | -code | increment]; each row's
+        # minimum is its value. (3, 3) float32 each.
         inf = float("inf")
         self.verdict_if_equal = Tensor([[-inf, -inf, 1.0],
                                         [-GUARD_SINGLE_VALUE, 0.0, 0.0],
@@ -159,83 +134,30 @@ class SyncBatchNormFunction(Float32Cell):
         # a power of two; otherwise within a few float32 roundings of n_i, which moves the
         # unbiased variance by ~W * 2^-24 relative, below its float32 rounding at any real N).
         self.one_over_group = 1.0 / max(group_size, 1)
-        self.row_minimum = ops.ReduceMin()
-        # The primitive: ops.addcmul wraps `value` in Tensor(), which a graph cannot type.
-        self.addcmul = ops.Addcmul()
         self.all_reduce = all_reduce
         self.group_size = group_size
         self.synchronized = all_reduce is not None
 
-    def _group_sum(self, local_sums):
-        if self.synchronized:
-            return self.all_reduce(local_sums)
-        return local_sums
-
-    def _group_stats(self, x, shift, finalize_params):
-        """x (N, C, *), shift (C,), finalize_params (6,) -> mean, invstd, unbiased var (C,), code,
-        count, needs reshift, increment (1,): the group's statistics (finalize_stats), identical
-        on every rank."""
-        channels = x.shape[1]
-        # (3C+1,) local sums, and one more slot carrying C: ranks whose layers disagree on
-        # num_features send buffers of different lengths, which the all-reduce does not
-        # detect by itself.
-        sums = ops.cat((self.local_stats(x, shift), ops.fill(ms.float32, (1,), float(channels))))
-        return self.finalize_stats(self._group_sum(sums), finalize_params)  # (3C+2,) -> 7 tensors
-
     def construct(self, x, weight, bias, shift, eps):
-        if self.two_pass:  # a static choice of the kernel table: no branch in the graph
-            mean, invstd, var, count, code, increment = self._group_moments_stats(x, shift, eps)
-            if self.guard_raises and self.synchronized:
-                invstd = self.stop_if(invstd, code)
-        else:
-            # (1,), (1,), (4,) -> (6,) [group size | eps | re-centring ratio | tolerance | the
-            # codes of "channels differ" and "single value"]
-            finalize_params = ops.cat((self.group_size_value, eps, self.reshift_params))
-            mean, invstd, var, code, count, reshift, increment = self._group_stats(
-                x, shift, finalize_params)
-            # The one branch on a tensor: hidden from autodiff by bprop, and rare to be taken.
-            # Never with mismatched layers (finalize_stats says no): their sums are garbage, and a
-            # second collective could wait forever for the rank whose all-reduce already failed.
-            if reshift > 0.5:
-                mean, invstd, var, code, count, reshift, increment = self._group_stats(
-                    x, mean, finalize_params)
-            if self.synchronized:
-                # Errors only the group's sums reveal (finalize_stats' code). No branch: invstd
-                # goes through the table's guard, which passes it on or stops the step (CPU:
-                # raises; Ascend: poisons it).
-                invstd = self.stop_if(invstd, code)
-            else:  # one value per channel is caught from the shape before any kernel runs
-                code = self.no_code
+        mean, invstd, var, count, code, increment = self._group_stats(x, shift, eps)
         y = self.normalize(x, mean, invstd, weight, bias)
         return y, mean, invstd, var, count, code, increment
 
-    def _group_moments_stats(self, x, shift, eps):
-        """x (N, C, *), eps (1,) -> mean, invstd, unbiased var (C,), count, code, increment (1,):
-        the group's statistics from the ranks' moments, in two all-reduces and without a branch
-        (tables with ``local_moments``); identical on every rank.
+    def _group_stats(self, x, shift, eps):
+        """x (N, C, *), shift (C,), eps (1,) -> mean, invstd, unbiased var (C,), count, code,
+        increment (1,): the group's statistics from the ranks' moments, in two all-reduces and
+        without a branch (see the module docstring); identical on every rank.
 
-        Rank i has n_i values per channel with mean m_i and biased variance v_i. With
-        N = sum(n_i) and m = sum(n_i m_i) / N, the group's sum of squared deviations is
-
-            M2 = sum over ranks of  n_i (v_i + (m_i - m)^2)
-
-        Every term is computed around a mean that is already close to the data (m_i locally, m
-        after the first all-reduce), so nothing cancels: the variance is as precise as the
-        ranks' own moments whatever the mean's magnitude, on every step, without the shifted
-        sums' re-centring pass and the graph branch that decides it.
-
-        Written for few kernels (each is a launch on Ascend: 19 up to y, 13 for the state, see
+        Written for few kernels (each is a launch on Ascend: see
         tests/test_layer_step_counts.py): n_i is static (the shape's), so every slot of the first
-        payload but the n_i m_i is a constant of the graph; the checks are one Equal of three
-        slots and one Select of a (3, 3) verdict table whose row minima are q, -code and the
-        increment; a stopped step is poisoned through q (M2 = -inf or NaN), which also keeps
-        the state: the unbiased variance is then non-finite on every channel.
+        payload but the n_i m_i is a constant of the graph; the checks and the combination are
+        one call (combine_moments), the statistics another (finalize_moments).
         """
         channels = x.shape[1]
         count = x.size // channels  # n_i: a constant of the compiled graph for a static shape
         local_mean, local_var = self.local_moments(x, shift)  # (C,), (C,)
         if not self.synchronized:
-            return self._local_moments_stats(local_mean, local_var, count, eps)
+            return self._local_stats(local_mean, local_var, count, eps)
         # (No float(): on an int unknown until run time, a graph compiled for dynamic shapes
         # makes it a ScalarCast, which MindSpore 2.10 announces as deprecated on the console.)
         n = ops.scalar_to_tensor(count, ms.float32).reshape((1,))
@@ -244,27 +166,21 @@ class SyncBatchNormFunction(Float32Cell):
         # to W C when every rank's layer has C channels: ranks whose layers disagree on
         # num_features send buffers of different lengths, which the all-reduce does not detect
         # by itself.
-        first = self._group_sum(ops.cat((local_mean * n, n, n_less, n, n,
+        first = self.all_reduce(ops.cat((local_mean * n, n, n_less, n, n,
                                          ops.fill(ms.float32, (1,), float(channels)))))
-        mean_sum, group_count, group_count_less_one, checks = self.split(first, (channels, 1, 1, 3))
-        # (3,) [N | N | C slot] == [1 | 0 | W C] -> (3, 3) verdict -> row minima (3,):
-        # q (1 or -inf: stop), -code (0, -GUARD_SINGLE_VALUE or -GUARD_CHANNELS_DIFFER, which
-        # wins), increment (1 or 0). One value per channel, or none, stops the step's state too.
-        expected = Tensor([1.0, 0.0, float(channels * self.group_size)], ms.float32)  # a constant
-        verdict = self.row_minimum(ops.select(checks == expected, self.verdict_if_equal,
-                                              self.verdict_if_unequal), 1)
-        q, negative_code, increment = self.split(verdict, (1, 1, 1))
-        mean = mean_sum / group_count  # N = 0: NaN, which an empty group never reads
-        deviation = local_mean - mean
+        # The checks [N | N | C slot] against [1 | 0 | W C] (a constant of the graph).
+        expected = Tensor([1.0, 0.0, float(channels * self.group_size)], ms.float32)
+        m2_part, mean, group_count, group_count_less_one, code, increment = self.combine_moments(
+            first, local_mean, local_var, n, expected, self.verdict_if_equal,
+            self.verdict_if_unequal, self.guard_text)
         # (C,) -> (C,). An empty rank sends zeros (n_i = 0), or NaN when q is -inf.
-        m2 = self._group_sum(self.addcmul(local_var, deviation, deviation, q) * n)
-        var = m2 / group_count
-        unbiased = m2 / group_count_less_one
-        return mean, ops.rsqrt(var + eps), unbiased, group_count, ops.neg(negative_code), increment
+        invstd, unbiased = self.finalize_moments(self.all_reduce(m2_part), group_count,
+                                                 group_count_less_one, eps)
+        return mean, invstd, unbiased, group_count, code, increment
 
-    def _local_moments_stats(self, local_mean, local_var, count, eps):
+    def _local_stats(self, local_mean, local_var, count, eps):
         """No group: the local moments are the statistics (n values per channel); the same outputs
-        as _group_moments_stats. One value per channel is caught from the shape before any
+        as _group_stats. One value per channel is caught from the shape before any
         kernel runs; an empty batch leaves the state unchanged. No branch on n (a run-time
         value in a graph compiled for dynamic shapes): the unbiased variance is
         var * n^2 / (n (n - 1)), which is NaN for n = 0 and Inf for n = 1 (var > 0)."""
@@ -304,13 +220,9 @@ class SyncBatchNormFunction(Float32Cell):
         return dx, grad_weight, grad_bias, ops.zeros_like(shift), ops.zeros_like(eps)
 
     def describe(self, where):
-        """Name the layer in the errors of the guard kernel: `where` says which layer it is."""
+        """Name the layer in the errors of the kernels that stop a step: `where` says which
+        layer it is."""
         self.guard_text = Tensor(guard_text(where))
-
-    def stop_if(self, values, code):
-        """values (M,), code (1,) float32 -> values; a code other than 0 stops the step (guard kernel)
-        with an error naming this layer and saying what the code means."""
-        return self.guard(values, code, self.guard_text)
 
 
 class FrozenStatsNormalize(Float32Cell):

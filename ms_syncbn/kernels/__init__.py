@@ -4,61 +4,64 @@ Every table implements the same contracts (shapes for an input x of shape
 (N, C, *), per-channel tensors float32):
 
 ==================  =========================================================  ==================
-kernel              inputs                                                     output
+kernel              inputs                                                     outputs
 ==================  =========================================================  ==================
-local_stats         x, shift (C,)                                              (3C+1,) float32:
-                                                                               [sum(x-K), sum((x-K)^2), n*K, n]
+local_moments       x, shift (C,): a hint, near the mean                       mean_i, var_i (C,)
 normalize           x, mean, invstd, weight, bias                              y, dtype of x
+combine_moments     reduced (C+5,): the first payload summed over the group,   m2_part, mean (C,),
+                    [sum n_i m_i (C) | N | N - 1 | checks (3)];                count, count - 1,
+                    local mean_i, var_i (C,); n_i (1,); expected (3,),         code, increment
+                    if_equal (3, 3), if_unequal (3, 3); text (T,)              (1,)
+finalize_moments    m2 (C,): m2_part summed over the group; count (1,),        invstd, var
+                    count - 1 (1,), eps (1,)                                   (unbiased) (C,)
+update_stats        mean, var (unbiased) (C,), shift, running_mean,            shift', running_mean',
+                    running_var (C,), factor (1,)                              running_var' (C,)
 backward_reduce     dy, x, mean, invstd                                        sum(dy),
                                                                                sum(dy*(x-mean)),
                                                                                grad_weight, grad_bias
-                                                                               (C,) float32
+                                                                               (C,)
 backward_elemt      dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu (C,),      dx, dtype of x
                     count (1,)
-finalize_stats      sums (3C+2,): [sum(x-K), sum((x-K)^2), n*K, n, C] summed   mean, invstd,
-                    over the group; params (6,): [group size, eps,             var (unbiased) (C,),
-                    reshift ratio, mean tolerance, code "channels differ",     code, count,
-                    code "single value"]                                       needs reshift,
-                                                                               increment (1,)
-                                                                               float32
-update_stats        mean, var (unbiased) (C,), shift, running_mean,            shift', running_mean',
-                    running_var (C,), factor (1,)                              running_var' (C,)
-                                                                               float32
-guard               values (M,) float32, code (1,) float32, text (T,)          values, or the step
-                    float32 (may be empty)                                     stops (see below)
-fingerprint         invstd (C,), modulus (1,)                                  (1,) float32: an
-                                                                               integer in [0, modulus)
+fingerprint         invstd (C,), modulus (1,)                                  (1,): an integer
+                                                                               in [0, modulus)
 check_pairing       values (M,), reduced_tag (1,), tag (1,), group_size (1,),  values, or the step
-                    code (1,), text (T,), float32                              stops (see below)
-local_moments       x                                                          mean_i, var_i (C,)
-(optional)                                                                     float32
+                    code (1,), text (T,)                                       stops (see below)
 ==================  =========================================================  ==================
 
-Sums are over the local batch; kernels never communicate. backward_reduce's weight and
-bias gradients (sum(dy*(x-mean)) * invstd and sum(dy)) are the local ones: data parallelism
-sums them over the ranks. Per-channel results are separate tensors, not one packed
-buffer: a native kernel gives them so, and packing then slicing them again would cost
-kernels on a table of composites. An entry is a
-primitive or a Cell, so it can be called from ``construct`` in PyNative and in
-graph mode.
+Sums are over the local batch; kernels never communicate: the all-reduces between them are
+``SyncBatchNormFunction``'s (ms_syncbn/sync_function.py states the protocol). backward_reduce's
+weight and bias gradients (sum(dy*(x-mean)) * invstd and sum(dy)) are the local ones: data
+parallelism sums them over the ranks. Per-channel results are separate tensors, not one packed
+buffer: a native kernel gives them so, and packing then slicing them again would cost kernels
+on a table of composites. An entry is a primitive or a Cell, so it can be called from
+``construct`` in PyNative and in graph mode.
 
-``finalize_stats`` turns the group's sums into its statistics and
-``update_stats`` gives the layer's state after a training step, each in one call
-(``FinalizeStats`` and ``UpdateStats`` in ops/cpu/syncbn_cpu.cc state the arithmetic).
-The ``var`` that ``finalize_stats`` gives and ``update_stats`` takes is the group's unbiased variance (Bessel's correction applied), NaN
+``local_moments`` gives the local mean and biased variance var_i = sum((x - mean_i)^2) / n_i
+(n_i = x.size / C, static), zeros for an empty batch, as exact as two passes around the mean
+whatever the mean's magnitude. ``shift`` is a hint that a one-pass kernel may centre its
+sums on (the layer's previous group mean: ``LocalMoments`` in ops/cpu/syncbn_cpu.cc, which
+re-centres inside the kernel where the hint is far off); a table whose statistics kernel
+centres on the local mean by itself (Ascend's BatchNormStats) ignores it and says so with
+``reads_shift=False``, and the layer then does not keep the hint up to date.
+
+``combine_moments`` is the step between the protocol's two all-reduces and
+``finalize_moments`` the step after them (``CombineMoments`` and ``FinalizeMoments`` in
+ops/cpu/syncbn_cpu.cc state the arithmetic; ``kernels.composite`` has the same in operators).
+The checks' verdict is the caller's tables: for row r, the minimum over k of
+``if_equal[r][k]`` where checks[k] == expected[k], else ``if_unequal[r][k]``, gives
+[q, -code, increment]; q = -inf (a stopped step, or an empty group) poisons m2_part, so the
+variance, invstd, y, the gradients and the unbiased variance are non-finite. A code other
+than 0 stops the step there, before the second all-reduce: the CPU kernel raises a
+RuntimeError with ``text`` (the layer and :data:`GUARD_MEANINGS`, :func:`guard_text`), also
+written to stderr; the composite cannot fail on a value without a branch (on Ascend a branch
+needs the code on the host), so the poison is the stop and the layer keeps the code for a
+later, named error (ms_syncbn.guard_check).
+
+``update_stats`` gives the layer's state after a training step in one call (``UpdateStats``
+in ops/cpu/syncbn_cpu.cc). The ``var`` it takes is the group's unbiased variance, non-finite
 on every channel of a step that must not change the state (a stopped step, fewer than 2
-values per channel) and on a channel whose statistics are not finite: ``update_stats``
-moves a channel exactly where ``var`` is finite, by lerp(a, b, w) = a + w * (b - a) in
-float32. ``finalize_stats``' ``increment`` (1.0 or 0.0) says whether the step counts
-(code 0 and a non-empty group batch); invstd is from the biased variance. ``guard`` lets
-a compiled graph stop without a branch: ``code`` = 0 passes `values` through; any
-code of :data:`GUARD_CODES` stops the step. ``text`` may carry the text of that
-error, :func:`guard_text` (the layer and :data:`GUARD_MEANINGS`); a separate input, so that
-a table whose guard does not raise (Ascend) pays no kernel to join it to the code. The CPU kernel raises a
-RuntimeError with that text (also written to stderr); the Ascend composite
-(``kernels.composite.Guard``) returns NaN, which the layer routes into the step's
-outputs and gradients: no native kernel fails on a value, and a branch would need
-the code on the host.
+values per channel) and on a channel whose statistics are not finite: it moves a channel
+exactly where ``var`` is finite, by lerp(a, b, w) = a + w * (b - a) in float32.
 
 ``fingerprint`` hashes a layer application's group invstd (identical on every
 rank) to a small integer, which the backward payload carries to catch two layers'
@@ -66,27 +69,19 @@ collectives paired with each other; ``Fingerprint`` in ops/cpu/syncbn_cpu.cc sta
 arithmetic, with the constants :data:`FINGERPRINT_SCALE` and :data:`FINGERPRINT_WRAP`.
 ``check_pairing`` checks it after the all-reduce: when ``reduced_tag`` != ``tag`` *
 ``group_size`` (float32 product, exact for these integers), the step stops with error
-``code`` (the caller passes :data:`GUARD_MISPAIRED`) exactly as ``guard`` stops for that
-code (CPU: a RuntimeError naming the layer; Ascend, ``kernels.composite.CheckPairing``:
+``code`` (the caller passes :data:`GUARD_MISPAIRED`) as ``combine_moments`` stops for its
+codes (CPU: a RuntimeError naming the layer; Ascend, ``kernels.composite.CheckPairing``:
 NaN values); otherwise ``values`` pass through.
-
-``local_moments`` (mean_i and the biased variance var_i = sum((x - mean_i)^2) / n_i over the
-local batch, zeros for an empty batch; n_i, the number of values per channel, is the static
-x.size / C) is given by
-tables whose native statistics kernel centres on the local mean (Ascend's
-BatchNormStats). With it, ``SyncBatchNormFunction`` combines the ranks' moments
-in two small all-reduces and never branches; without it (CPU), it uses
-``local_stats``' shifted sums in one all-reduce and a rare re-centring pass.
 """
 from typing import Any, NamedTuple
 
 import numpy as np
 
 
-# Error codes of the guard kernel; GUARD_MEANINGS is the one statement of what they mean.
+# Error codes that stop a step (guard codes); GUARD_MEANINGS is the one statement of what they mean.
 # Of two forward codes the larger is the one to report (ranks that disagree on num_features
 # make the batch size meaningless too), so a ReduceMax picks it.
-GUARD_MALFORMED = 1.0  # the guard kernel itself was called with malformed arguments
+GUARD_MALFORMED = 1.0  # a kernel that can stop a step was called with malformed arguments
 GUARD_SINGLE_VALUE = 2.0  # the group's batch holds 1 value per channel in training
 GUARD_CHANNELS_DIFFER = 3.0  # the ranks of the process group disagree on num_features
 GUARD_MISPAIRED = 4.0  # a backward all-reduce was paired with another layer's
@@ -100,7 +95,7 @@ FINGERPRINT_WRAP = 2.0 ** 14
 
 # code -> which check stopped the step, what it saw, and the causes that fit.
 GUARD_MEANINGS = {
-    GUARD_MALFORMED: "internal check: the guard kernel was called with malformed arguments "
+    GUARD_MALFORMED: "internal check: a kernel that checks the step was called with malformed arguments "
                      "(an ms_syncbn bug; please report it)",
     GUARD_CHANNELS_DIFFER: (
         "forward num_features check: the all-reduced channel counts show that the ranks' layers "
@@ -137,8 +132,8 @@ def guard_text(where: str) -> np.ndarray:
 
 def guard_message(code: float, where: str) -> str:
     """The error of guard code `code` for the layer described by `where`: the text the CPU
-    ``Guard`` kernel raises (ops/cpu/syncbn_cpu.cc), for errors raised later, in Python
-    (ms_syncbn.guard_check)."""
+    ``CombineMoments`` and ``CheckPairing`` kernels raise (ops/cpu/syncbn_cpu.cc), for errors
+    raised later, in Python (ms_syncbn.guard_check)."""
     k = int(code) if 1.0 <= code < 1000.0 else 1
     meaning = GUARD_MEANINGS.get(float(k), "see ms_syncbn.kernels.GUARD_MEANINGS")
     place = f" in layer {where}" if where else ""
@@ -149,17 +144,16 @@ class BatchNormKernels(NamedTuple):
     """One backend's implementation of the kernel contracts above."""
 
     backend: str
-    local_stats: Any
+    local_moments: Any
     normalize: Any
+    combine_moments: Any
+    finalize_moments: Any
+    update_stats: Any
     backward_reduce: Any
     backward_elemt: Any
-    finalize_stats: Any
-    update_stats: Any
-    guard: Any
     fingerprint: Any
     check_pairing: Any
-    local_moments: Any = None  # optional: see the module docstring
-    guard_raises: bool = False
+    reads_shift: bool  # whether local_moments reads its shift hint (see the module docstring)
 
 
 def kernels_for(device_target: str) -> BatchNormKernels:

@@ -42,7 +42,8 @@ from mindspore.ops import auto_generate as native
 from mindspore.ops.operations import _grad_ops as grad_ops
 
 from ms_syncbn.kernels import BatchNormKernels
-from ms_syncbn.kernels.composite import CheckPairing, FinalizeStats, Fingerprint, Guard, UpdateStats
+from ms_syncbn.kernels.composite import (CheckPairing, CombineMoments, FinalizeMoments, Fingerprint,
+                                         UpdateStats)
 
 # The one switch of the backward reduction (README, "How dtypes are routed on Ascend"):
 # "update_grad" (default) calls BNTrainingUpdateGrad, the kernel MindSpore's own BatchNorm
@@ -56,10 +57,6 @@ from ms_syncbn.kernels.composite import CheckPairing, FinalizeStats, Fingerprint
 BACKWARD_REDUCE_ENV = "MS_SYNCBN_ASCEND_BACKWARD_REDUCE"
 BACKWARD_REDUCE_CHOICES = ("update_grad", "centred", "uncentred")
 
-# BatchNormStats returns invstd = 1/sqrt(var + eps) in float32; var comes back as
-# 1/invstd^2 - eps, within a few float32 ulps of the kernel's var. This eps keeps a
-# constant channel finite (invstd = 1e6) while moving var by at most ~1e-19.
-_STATS_EPS = 1e-12
 # The moments' BatchNormStats eps: var_i = invstd^-2 keeps it (see _LocalMoments).
 _MOMENTS_EPS = 1e-30
 
@@ -118,49 +115,9 @@ def _as_float32(x):
     return routed
 
 
-class _LocalMeanVar(nn.Cell):
-    """x (N, C, *) non-empty -> mean (C,), biased var (C,), float32, from one BatchNormStats."""
-
-    # Read through self: mindspore.amp's O1 regenerates a cell's code in another module,
-    # where this module's own constants are not defined.
-    stats_eps = _STATS_EPS
-
-    def __init__(self):
-        super().__init__()
-        self.stats = native.BatchNormStats()
-
-    def construct(self, x):
-        mean, invstd = self.stats(_stats_input(x), self.stats_eps)  # (C,), (C,) float32
-        var = ops.relu(1.0 / (invstd * invstd) - self.stats_eps)  # rounding can dip below 0
-        return mean, var
-
-
-class _LocalStats(nn.Cell):
-    """x (N, C, *), shift (C,) -> (3C+1,) f32: [sum(x-K), sum((x-K)^2), n*K, n].
-
-    sum(x-K) = n (m - K), sum((x-K)^2) = n var + n (m - K)^2 with the local mean m
-    and biased variance var. Zeros for an empty batch, without a native kernel.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.mean_var = _LocalMeanVar()
-
-    def construct(self, x, shift):
-        channels = x.shape[1]
-        count = x.size // channels
-        if count == 0:  # static shape: decided at compile time, no graph branch
-            sums = ops.depend(ops.zeros((3 * channels + 1,), ms.float32), shift)
-        else:
-            mean, var = self.mean_var(x)
-            n = ops.scalar_to_tensor(count, ms.float32)
-            d = mean - shift
-            sums = ops.cat((n * d, n * (var + d * d), n * shift, n.reshape((1,))))
-        return sums
-
-
 class _LocalMoments(nn.Cell):
-    """x (N, C, *) -> mean_i (C,), var_i (C,) float32: the local mean and biased variance.
+    """x (N, C, *), shift (C,) -> mean_i (C,), var_i (C,) float32: the local mean and biased
+    variance. The shift hint is not read (BatchNormStats centres on the local mean itself).
 
     Two kernels: BatchNormStats (mean and invstd = 1/sqrt(var + eps') in float32, the
     variance taken around the mean, so it does not cancel at large |mean|) and
@@ -306,13 +263,13 @@ def ascend_kernels() -> BatchNormKernels:
     """The Ascend table (BatchNormStats, BatchNormElemt, BNTrainingUpdateGrad or
     BatchNormReduceGrad, BatchNormElemtGrad).
 
-    finalize_stats, update_stats, guard, fingerprint and check_pairing are composites
+    combine_moments, finalize_moments, update_stats, fingerprint and check_pairing are composites
     (ms_syncbn.kernels.composite). The backward reduction is BACKWARD_REDUCE_ENV's choice, read
     when the table is first made in the process.
     """
-    return BatchNormKernels(backend="Ascend", local_stats=_LocalStats(), normalize=_Normalize(),
+    return BatchNormKernels(backend="Ascend", local_moments=_LocalMoments(), normalize=_Normalize(),
+                            combine_moments=CombineMoments(), finalize_moments=FinalizeMoments(),
+                            update_stats=UpdateStats(),
                             backward_reduce=_BackwardReduce(backward_reduce_mode()),
-                            backward_elemt=_BackwardElemt(),
-                            finalize_stats=FinalizeStats(), update_stats=UpdateStats(),
-                            guard=Guard(), fingerprint=Fingerprint(), check_pairing=CheckPairing(),
-                            local_moments=_LocalMoments())
+                            backward_elemt=_BackwardElemt(), fingerprint=Fingerprint(),
+                            check_pairing=CheckPairing(), reads_shift=False)

@@ -6,44 +6,54 @@ of what those kernels compute).
 """
 import mindspore as ms
 from mindspore import nn, ops
+from mindspore.ops.auto_generate import SplitWithSize
 
 from ms_syncbn.kernels import FINGERPRINT_SCALE, FINGERPRINT_WRAP
 
 
-class FinalizeStats(nn.Cell):
-    """sums (3C+2,), params (6,) -> mean, invstd, var (C,), code, count, needs reshift,
-    increment (1,), float32.
+class CombineMoments(nn.Cell):
+    """reduced (C+5,), local_mean, local_var (C,), count (1,), expected (3,), if_equal (3, 3),
+    if_unequal (3, 3), text (T,) -> m2_part, mean (C,), group_count, group_count_less_one,
+    code, increment (1,), float32.
 
-    See ``FinalizeStats`` in ops/cpu/syncbn_cpu.cc for the contract (`var` is the unbiased
-    variance, NaN where the state must not change; invstd is from the biased one). Float32
-    arithmetic: the kernel's values to a few roundings.
+    See ``CombineMoments`` in ops/cpu/syncbn_cpu.cc for the contract; here a stopped step is not
+    raised (`text` is unused) but poisoned: m2_part is -inf or NaN. Ten kernels (SplitWithSize,
+    Equal, Select, ReduceMin, SplitWithSize, Div, Sub, Addcmul, Mul, Neg).
     """
 
-    def construct(self, sums, params):
-        channels = (sums.shape[0] - 2) // 3
-        s1, s2 = sums[:channels], sums[channels:2 * channels]
-        nk, count = sums[2 * channels:3 * channels], sums[3 * channels:3 * channels + 1]
-        group_size, eps, ratio, tolerance = params[0], params[1], params[2], params[3]
-        channels_differ = ops.abs(sums[3 * channels + 1:] - channels * group_size) > 0.5  # (1,)
-        safe_count = ops.maximum(count, 1.0)  # N = 0: all sums are 0, so mean = var = 0
-        offset = s1 / safe_count
-        mean = nk / safe_count + offset
-        var = s2 / safe_count - offset * offset
-        var = var * (var >= 0.0).astype(var.dtype)  # rounding can dip below 0; NaN stays NaN
-        limit = ratio * var + ops.square(tolerance * mean)
-        reshift = ops.logical_and((ops.square(offset) > limit).any().reshape((1,)),
-                                  ops.logical_not(channels_differ))
-        code = ops.select(channels_differ, params[4:5],
-                          ops.select(count == 1.0, params[5:6], ops.zeros_like(count)))
-        kept = code == 0.0  # (1,)
-        # (C,): the unbiased variance where it is defined, NaN elsewhere
-        defined = ops.logical_and(ops.logical_and(kept, count >= 2.0),
-                                  ops.logical_and(ops.isfinite(mean), ops.isfinite(var)))
-        unbiased = ops.masked_fill(var * (count / ops.maximum(count - 1.0, 1.0)),
-                                   ops.logical_not(defined), float("nan"))
-        increment = ops.logical_and(kept, count >= 1.0).astype(ms.float32)
-        return (mean, ops.rsqrt(var + eps), unbiased, code, count, reshift.astype(ms.float32),
-                increment)
+    def __init__(self):
+        super().__init__()
+        # The primitives: ops.split is a Python function with a branch, which MindSpore 2.10
+        # does not compile when it runs both in a construct and in a bprop (kernels/ascend.py);
+        # ops.addcmul wraps `value` in Tensor(), which a graph cannot type.
+        self.split = SplitWithSize()
+        self.row_minimum = ops.ReduceMin()
+        self.addcmul = ops.Addcmul()
+
+    def construct(self, reduced, local_mean, local_var, count, expected, if_equal, if_unequal,
+                  text):
+        channels = local_mean.shape[0]
+        mean_sum, group_count, group_count_less_one, checks = self.split(
+            reduced, (channels, 1, 1, 3))
+        # (3,) == (3,) -> select over (3, 3) -> row minima (3,): [q | -code | increment]
+        verdict = self.row_minimum(ops.select(checks == expected, if_equal, if_unequal), 1)
+        q, negative_code, increment = self.split(verdict, (1, 1, 1))
+        mean = mean_sum / group_count  # N = 0: NaN, which an empty group never reads
+        deviation = local_mean - mean
+        m2_part = self.addcmul(local_var, deviation, deviation, q) * count  # (C,)
+        return (ops.depend(m2_part, text), mean, group_count, group_count_less_one,
+                ops.neg(negative_code), increment)
+
+
+class FinalizeMoments(nn.Cell):
+    """m2 (C,), group_count, group_count_less_one, eps (1,) -> invstd, var (unbiased) (C,),
+    float32: rsqrt(m2 / N + eps) and m2 / (N - 1). Four kernels (Div, Add, Rsqrt, Div).
+
+    See ``FinalizeMoments`` in ops/cpu/syncbn_cpu.cc for the contract.
+    """
+
+    def construct(self, m2, group_count, group_count_less_one, eps):
+        return ops.rsqrt(m2 / group_count + eps), m2 / group_count_less_one
 
 
 class UpdateStats(nn.Cell):
@@ -63,29 +73,14 @@ class UpdateStats(nn.Cell):
                 ops.select(change, ops.lerp(running_var, var, factor), running_var))
 
 
-class Guard(nn.Cell):
-    """values (M,) float32, code (1,) float32, text (unused) -> values (M,) float32: `values`
-    where code is 0, NaN everywhere otherwise. Two kernels (NotEqual, MaskedFill).
-
-    The guard contract without a branch: on Ascend a branch on a tensor needs the value on
-    the host, a device-to-host round trip per layer and step, and no native kernel fails on
-    a value. So a step with an error code is stopped by poisoning what it computes next (the
-    layer routes the group variance through here, the backward its group sum(dy)): its outputs and
-    gradients are NaN, and the layer leaves its state unchanged. Which error it was is not
-    carried: run the job on CPU, whose Guard kernel names it (README, "Errors").
-    """
-
-    def construct(self, values, code, text):
-        return ops.masked_fill(ops.depend(values, text), code != 0.0, float("nan"))  # (M,), (1,) -> (M,)
-
-
 class CheckPairing(nn.Cell):
     """values (M,), reduced_tag (1,), tag (1,), group_size (1,), code (1,), text (T,) float32
     -> values (M,) float32: `values` where reduced_tag == tag * group_size, NaN everywhere
     otherwise. Three kernels (Muls, NotEqual, MaskedFill); `code` and `text` are unused.
 
-    The backward's layer-identity check without a branch (see ``Guard``): a mispaired step's
-    gradients are NaN. ``CheckPairing`` in ops/cpu/syncbn_cpu.cc states the contract (there the
+    The backward's layer-identity check without a branch (on Ascend a branch on a tensor needs
+    its value on the host, and no native kernel fails on a value): a mispaired step's gradients
+    are NaN. ``CheckPairing`` in ops/cpu/syncbn_cpu.cc states the contract (there the
     step stops with error `code`, naming the layer).
     """
 

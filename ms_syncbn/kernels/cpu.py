@@ -80,11 +80,30 @@ def cpu_kernels() -> BatchNormKernels:
     """The CPU table; primitives are created once per process and shared by all layers."""
     return BatchNormKernels(
         backend="CPU",
-        # x (N, C, *), shift (C,) -> (3C+1,) f32
-        local_stats=_custom("LocalStats", ("x", "shift"), lambda x, shift: ms.float32),
+        # x (N, C, *), shift (C,) -> mean_i, var_i (C,) f32
+        local_moments=_custom("LocalMoments", ("x", "shift"), lambda x, k: (ms.float32,) * 2,
+                              outputs=("mean", "var")),
         # x, mean, invstd, weight, bias -> y like x
         normalize=_custom("Normalize", ("x", "mean", "invstd", "weight", "bias"),
                           lambda x, m, s, w, b: x),
+        # reduced (C+5,), local_mean, local_var (C,), count (1,), expected (3,), if_equal,
+        #   if_unequal (3, 3), text (T,) -> m2_part, mean (C,), group_count,
+        #   group_count_less_one, code, increment (1,) f32, or a RuntimeError carrying the code
+        combine_moments=_custom("CombineMoments", ("reduced", "local_mean", "local_var", "count",
+                                                   "expected", "if_equal", "if_unequal", "text"),
+                                lambda *inputs: (ms.float32,) * 6,
+                                outputs=("m2_part", "mean", "group_count", "group_count_less_one",
+                                         "code", "increment")),
+        # m2 (C,), group_count, group_count_less_one, eps (1,) -> invstd, var (unbiased) (C,) f32
+        finalize_moments=_custom("FinalizeMoments", ("m2", "group_count", "group_count_less_one",
+                                                     "eps"),
+                                 lambda *inputs: (ms.float32,) * 2, outputs=("invstd", "var")),
+        # mean, var (unbiased), shift, running_mean, running_var (C,), factor (1,)
+        #   -> shift', running_mean', running_var' (C,) f32
+        update_stats=_custom("UpdateStats", ("mean", "var", "shift", "running_mean", "running_var",
+                                             "factor"),
+                             lambda m, v, s, rm, rv, f: (ms.float32,) * 3,
+                             outputs=("shift", "running_mean", "running_var")),
         # dy, x, mean, invstd -> sum(dy), sum(dy*(x-mean)), grad_weight, grad_bias (C,) f32
         backward_reduce=_custom("BackwardReduce", ("dy", "x", "mean", "invstd"),
                                 lambda dy, x, m, s: (ms.float32,) * 4,
@@ -93,29 +112,12 @@ def cpu_kernels() -> BatchNormKernels:
         backward_elemt=_custom("BackwardElemt", ("dy", "x", "mean", "invstd", "weight", "sum_dy",
                                                  "sum_dy_xmu", "count"),
                                lambda dy, x, m, s, w, sdy, sdyx, n: x),
-        # sums (3C+2,), params (6,) -> mean, invstd, var (unbiased) (C,), code, count,
-        #   needs reshift, increment (1,) f32
-        finalize_stats=_custom("FinalizeStats", ("sums", "params"),
-                               lambda sums, p: (ms.float32,) * 7,
-                               outputs=("mean", "invstd", "var", "code", "count", "reshift",
-                                        "increment")),
-        # mean, var (unbiased), shift, running_mean, running_var (C,), factor (1,)
-        #   -> shift', running_mean', running_var' (C,) f32
-        update_stats=_custom("UpdateStats", ("mean", "var", "shift", "running_mean", "running_var",
-                                             "factor"),
-                             lambda m, v, s, rm, rv, f: (ms.float32,) * 3,
-                             outputs=("shift", "running_mean", "running_var")),
-        # values (M,) f32, code (1,) f32, text -> values, or a RuntimeError carrying the code
-        guard=_custom("Guard", ("values", "code", "text"), lambda values, code, text: values),
+        # invstd (C,), modulus (1,) -> (1,) f32
+        fingerprint=_custom("Fingerprint", ("invstd", "modulus"), lambda s, q: ms.float32),
         # values (M,), reduced_tag, tag, group_size, code (1,), text (T,) f32 -> values, or a
         # RuntimeError carrying the code when reduced_tag != tag * group_size
         check_pairing=_custom("CheckPairing", ("values", "reduced_tag", "tag", "group_size", "code",
                                                "text"),
                               lambda values, r, t, g, k, text: values),
-        # invstd (C,), modulus (1,) -> (1,) f32
-        fingerprint=_custom("Fingerprint", ("invstd", "modulus"), lambda s, q: ms.float32),
-        # x (N, C, *), shift (C,) -> mean_i, var_i (C,) f32
-        local_moments=_custom("LocalMoments", ("x", "shift"), lambda x, k: (ms.float32,) * 2,
-                              outputs=("mean", "var")),
-        guard_raises=True,
+        reads_shift=True,
     )

@@ -14,7 +14,7 @@
 // a graph compiled for dynamic shapes, again at run time with each step's
 // input shapes. An unknown dimension is -1 and an unknown rank is the shape
 // {-2}; the functions pass them on (a per-channel length of unknown C is -1).
-// (A kernel with several outputs -- BackwardReduce, FinalizeStats, UpdateStats -- returns
+// (A kernel with several outputs -- LocalMoments, BackwardReduce, CombineMoments, ... -- returns
 // std::vector<std::vector<int64_t>>, one shape per output, and is registered with
 // its outputs: kernels/cpu.py.)
 // MindSpore 2.10 cannot call a Python shape function at run time (its kernel
@@ -27,7 +27,7 @@
 // them is done in float32 (float64 for float64 input), and every reduction
 // sums blocks of at most kBlock = 2048 terms in that type and accumulates the
 // blocks in double. Kernels never communicate: the collective between
-// local_stats and the normalisation is the caller's.
+// local_moments and the normalisation are the caller's.
 //
 // Speed. Each kernel reads its inputs once, in memory order, and writes its
 // output once; per-channel coefficients are computed once per call, never per
@@ -108,7 +108,7 @@ constexpr int64_t kBlock = 2048;
 
 // A kernel on one dtype: params in contract order (inputs, then the output).
 typedef void (*KernelFn)(void **params, NCS view);
-enum Kernel { kLocalStats, kLocalMoments, kNormalize, kBackwardReduce, kBackwardElemt, kNumKernels };
+enum Kernel { kLocalMoments, kNormalize, kBackwardReduce, kBackwardElemt, kNumKernels };
 // [kernel][dtype] for the four supported dtypes, in DType order.
 typedef KernelFn KernelTable[kNumKernels][4];
 
@@ -228,14 +228,6 @@ inline Shape per_channel(const int *ndims, int64_t *const *shapes, int i, int di
 extern "C" const char *MsSyncBnCpuIsa() { return mssbn::active_isa().name; }
 
 // x is params[1] for the backward kernels (dy first), params[0] otherwise.
-extern "C" int LocalStats(int nparam, void **params, int *ndims, int64_t **shapes,
-                          const char **dtypes, void *, void *) {
-  if (nparam != 3 || ndims[0] < 2) return 1;
-  return mssbn::run(mssbn::kLocalStats, dtypes[0], params, mssbn::ncs_of(ndims[0], shapes[0]));
-}
-// x (N, C, *), shift (C,) -> (3C+1,)
-MSSBN_INFER_SHAPE(LocalStats) { return mssbn::per_channel(ndims, shapes, 0, 1, 3, 1); }
-
 // LocalMoments: x (N, C, *), shift (C,) f32 -> mean, var (C,) f32 (local_moments)
 extern "C" int LocalMoments(int nparam, void **params, int *ndims, int64_t **shapes,
                             const char **dtypes, void *, void *) {
@@ -302,85 +294,118 @@ static bool all_1d_float32(int count, const int *ndims, const char **dtypes) {
   return true;
 }
 
-// FinalizeStats: sums (3C+2,), params (6,), both float32
-//   -> mean, invstd, var (C,), code, count, needs reshift, increment (1,), all float32.
-// The group statistics from the all-reduced shifted sums, in one call instead of
-// some thirty per-channel operators, each output a tensor of its own (no slicing
-// after the call). sums = [S1 = sum(x-K) (C) | S2 = sum((x-K)^2) (C) | Q =
-// sum(n*K) (C) | N | channel slot], params = [group size, eps, reshift ratio, mean
-// tolerance, code "channels differ", code "single value"]. Per channel, in double,
-// with N' = max(N, 1):
-//   offset = S1/N';  mean = Q/N' + offset;  var_b = max(S2/N' - offset^2, 0)
-//   (NaN stays NaN);  invstd = 1/sqrt(var_b + eps)   (the biased variance)
-// The ranks' layers disagree on num_features when |channel slot - C * group size|
-// > 0.5 (nothing else is meaningful then): code = the "channels differ" code;
-// otherwise code = the "single value" code if N = 1 (one value per channel in
-// the group's batch), else 0.
-//   var       = var_b * N / (N - 1), the UNBIASED variance (what update_stats takes),
-//               NaN on every channel when code != 0 or N < 2, and NaN on a channel
-//               whose mean or var_b (as float32) is not finite: a NaN var is the
-//               one sign that a channel's state must not change
-//   increment = 1 if code == 0 and N >= 1, else 0 (the step counts)
-//   needs reshift = the layers agree and, for some channel, offset^2 > ratio * var_b
-//               + (tolerance * mean)^2 (the shift was too far from the mean for the
-//               variance to be trusted)
-// Every rank gets the same sums and so the same outputs, bit for bit. The
-// composite form: ms_syncbn.kernels.composite.FinalizeStats (float32 arithmetic,
-// the same values to a few float32 roundings).
-extern "C" int FinalizeStats(int nparam, void **params, int *ndims, int64_t **shapes,
-                             const char **dtypes, void *, void *) {
-  if (nparam != 9 || !all_1d_float32(9, ndims, dtypes)) return 1;
-  const int64_t length = shapes[0][0];
-  if (length < 5 || (length - 2) % 3 != 0 || shapes[1][0] != 6) return 1;
-  const int64_t channels = (length - 2) / 3;
-  for (int i = 2; i < 5; ++i)
-    if (shapes[i][0] != channels) return 1;
-  for (int i = 5; i < 9; ++i)
-    if (shapes[i][0] != 1) return 1;
-  const float *sums = static_cast<const float *>(params[0]);
-  const float *p = static_cast<const float *>(params[1]);
-  float *mean_out = static_cast<float *>(params[2]);
-  float *invstd_out = static_cast<float *>(params[3]);
-  float *var_out = static_cast<float *>(params[4]);
-  const double group_size = p[0], eps = p[1], ratio = p[2], tolerance = p[3];
-  const double count = sums[3 * channels];
-  const double slot = sums[3 * channels + 1];
-  const bool channels_differ = std::fabs(slot - static_cast<double>(channels) * group_size) > 0.5;
-  const float code = channels_differ ? p[4] : (count == 1.0 ? p[5] : 0.0f);
-  const bool unbiased_defined = code == 0.0f && count >= 2.0;
-  const double bessel = unbiased_defined ? count / (count - 1.0) : 0.0;
-  const double safe_count = std::max(count, 1.0);  // N = 0: all sums are 0, so mean = var = 0
-  bool reshift = false;
-  for (int64_t c = 0; c < channels; ++c) {
-    const double offset = sums[c] / safe_count;
-    const double mean = sums[2 * channels + c] / safe_count + offset;
-    double var = sums[channels + c] / safe_count - offset * offset;
-    if (var < 0.0) var = 0.0;  // rounding can dip below 0; NaN stays NaN
-    const double limit = ratio * var + (tolerance * mean) * (tolerance * mean);
-    if (offset * offset > limit) reshift = true;
-    mean_out[c] = static_cast<float>(mean);
-    invstd_out[c] = static_cast<float>(1.0 / std::sqrt(var + eps));
-    const bool finite = std::isfinite(mean_out[c]) && std::isfinite(static_cast<float>(var));
-    var_out[c] = unbiased_defined && finite ? static_cast<float>(var * bessel) : NAN;
+// CombineMoments: reduced (C+5,), local_mean, local_var (C,), count (1,),
+// expected (3,), if_equal (3,3), if_unequal (3,3), text (T,), all float32
+//   -> m2_part, mean (C,), group_count, group_count_less_one, code, increment (1,),
+//      all float32.
+// The moments protocol's step between its two all-reduces (ms_syncbn/sync_function.py),
+// in one call. `reduced` is the group's sum of the first payload,
+//   [ sum n_i m_i (C) | N | N - 1 | checks (3) ],
+// local_mean, local_var and count are this rank's m_i, biased v_i and n_i. The
+// verdict (3,) is, for row r, the minimum over k of
+//   checks[k] == expected[k] ? if_equal[r][k] : if_unequal[r][k]
+// and is [q, -code, increment] (the caller's tables say which checks give
+// which; q is 1, or -inf to stop the step). Per channel, in float32 as the
+// composite computes it:
+//   mean     = sum n_i m_i / N   (N = 0: NaN, which an empty group never reads)
+//   m2_part  = n_i * (v_i + q * (m_i - mean)^2)
+// so that a stopped step's m2 (the second all-reduce of m2_part) is -inf or NaN
+// on every channel; group_count = N, group_count_less_one = N - 1, code, increment.
+// A code other than 0 stops the step here, before the second all-reduce (every
+// rank computes the same verdict from the same sums, so every rank stops):
+// stop_step below, with the layer's text. A malformed call stops with error 1.
+// The composite form: ms_syncbn.kernels.composite.CombineMoments (the same
+// float32 values; NaN instead of stopping).
+[[noreturn]] static void stop_step(float code, const float *text, int64_t length,
+                                   const char *kernel);
+extern "C" int CombineMoments(int nparam, void **params, int *ndims, int64_t **shapes,
+                              const char **dtypes, void *, void *) {
+  bool well_formed = nparam == 14 && all_1d_float32(5, ndims, dtypes) &&
+                     std::strcmp(dtypes[5], "float32") == 0 && std::strcmp(dtypes[6], "float32") == 0 &&
+                     ndims[5] == 2 && ndims[6] == 2 && all_1d_float32(1, ndims + 7, dtypes + 7);
+  const int64_t channels = well_formed ? shapes[1][0] : 0;
+  well_formed = well_formed && shapes[0][0] == channels + 5 && shapes[2][0] == channels &&
+                shapes[3][0] == 1 && shapes[4][0] == 3;
+  for (int i = 5; well_formed && i < 7; ++i)
+    well_formed = shapes[i][0] == 3 && shapes[i][1] == 3;
+  if (!well_formed) stop_step(1.0f, nullptr, 0, "CombineMoments");
+  const float *reduced = static_cast<const float *>(params[0]);
+  const float *local_mean = static_cast<const float *>(params[1]);
+  const float *local_var = static_cast<const float *>(params[2]);
+  const float n_i = *static_cast<const float *>(params[3]);
+  const float *expected = static_cast<const float *>(params[4]);
+  const float *if_equal = static_cast<const float *>(params[5]);
+  const float *if_unequal = static_cast<const float *>(params[6]);
+  const float *checks = reduced + channels + 2;
+  float verdict[3];
+  for (int r = 0; r < 3; ++r) {
+    float v = INFINITY;
+    for (int k = 0; k < 3; ++k)
+      v = std::min(v, checks[k] == expected[k] ? if_equal[3 * r + k] : if_unequal[3 * r + k]);
+    verdict[r] = v;
   }
-  *static_cast<float *>(params[5]) = code;
-  *static_cast<float *>(params[6]) = static_cast<float>(count);
-  *static_cast<float *>(params[7]) = reshift && !channels_differ ? 1.0f : 0.0f;
-  *static_cast<float *>(params[8]) = code == 0.0f && count >= 1.0 ? 1.0f : 0.0f;
+  const float q = verdict[0], code = -verdict[1] + 0.0f;  // + 0.0f: -0 -> 0
+  if (code != 0.0f) stop_step(code, static_cast<const float *>(params[7]), shapes[7][0],
+                              "CombineMoments");
+  const float count = reduced[channels];
+  float *m2_part = static_cast<float *>(params[8]);
+  float *mean = static_cast<float *>(params[9]);
+  for (int64_t c = 0; c < channels; ++c) {
+    const float m = reduced[c] / count;
+    const float d = local_mean[c] - m;
+    mean[c] = m;
+    m2_part[c] = (local_var[c] + q * d * d) * n_i;
+  }
+  *static_cast<float *>(params[10]) = count;
+  *static_cast<float *>(params[11]) = reduced[channels + 1];
+  *static_cast<float *>(params[12]) = code;
+  *static_cast<float *>(params[13]) = verdict[2];
   return 0;
 }
-// sums (3C+2,), params (6,) -> (C,) x 3, (1,) x 4
-MSSBN_INFER_SHAPES(FinalizeStats) {
-  const int64_t length = ndims[0] >= 1 ? shapes[0][0] : -1;
-  const int64_t channels = length < 0 ? -1 : (length - 2) / 3;
-  return mssbn::Shapes{{channels}, {channels}, {channels}, {1}, {1}, {1}, {1}};
+// reduced (C+5,), local_mean, local_var (C,), ... -> (C,) x 2, (1,) x 4
+MSSBN_INFER_SHAPES(CombineMoments) {
+  const mssbn::Shape c = mssbn::per_channel(ndims, shapes, 1, 0, 1, 0);
+  return mssbn::Shapes{c, c, {1}, {1}, {1}, {1}};
+}
+
+// FinalizeMoments: m2 (C,), group_count (1,), group_count_less_one (1,), eps (1,),
+// all float32 -> invstd, var (C,) float32.
+// The group's statistics from the all-reduced sum of squared deviations M2
+// (CombineMoments' m2_part summed over the group), in float32 as the composite:
+//   invstd = 1 / sqrt(M2 / N + eps)     (from the biased variance)
+//   var    = M2 / (N - 1)               (the unbiased variance, update_stats' input)
+// Non-finite wherever M2 is (a stopped step, an empty group, a NaN or Inf
+// channel), which is how the state knows not to move. A malformed call stops
+// with error 1. The composite form: ms_syncbn.kernels.composite.FinalizeMoments.
+extern "C" int FinalizeMoments(int nparam, void **params, int *ndims, int64_t **shapes,
+                               const char **dtypes, void *, void *) {
+  bool well_formed = nparam == 6 && all_1d_float32(6, ndims, dtypes);
+  for (int i = 1; well_formed && i < 4; ++i) well_formed = shapes[i][0] == 1;
+  well_formed = well_formed && shapes[4][0] == shapes[0][0] && shapes[5][0] == shapes[0][0];
+  if (!well_formed) stop_step(1.0f, nullptr, 0, "FinalizeMoments");
+  const float *m2 = static_cast<const float *>(params[0]);
+  const float count = *static_cast<const float *>(params[1]);
+  const float count_less_one = *static_cast<const float *>(params[2]);
+  const float eps = *static_cast<const float *>(params[3]);
+  float *invstd = static_cast<float *>(params[4]);
+  float *var = static_cast<float *>(params[5]);
+  for (int64_t c = 0; c < shapes[0][0]; ++c) {
+    invstd[c] = 1.0f / std::sqrt(m2[c] / count + eps);
+    var[c] = m2[c] / count_less_one;
+  }
+  return 0;
+}
+// m2 (C,), ... -> (C,), (C,)
+MSSBN_INFER_SHAPES(FinalizeMoments) {
+  const mssbn::Shape c = mssbn::input_shape(ndims, shapes, 0);
+  return mssbn::Shapes{c, c};
 }
 
 // UpdateStats: mean, var, shift, running_mean, running_var (C,), factor (1,),
 // all float32 -> shift', running_mean', running_var' (C,), all float32.
 // The layer's state after one training step, in one call, each output a tensor
 // of its own. `mean` and `var` are the group's statistics, `var` the UNBIASED
-// variance (Bessel's correction is the caller's: finalize_stats gives it), and
+// variance (Bessel's correction is the caller's: FinalizeMoments gives it), and
 // non-finite on every channel of a step that must not change the state (a
 // stopped step, fewer than 2 values per channel) and wherever mean is not
 // finite: so one test decides. Per channel, with change = isfinite(var[c]):
@@ -497,30 +522,6 @@ MSSBN_INFER_SHAPE(Fingerprint) { return mssbn::Shape{1}; }
   throw std::runtime_error(message);
 }
 
-// Guard: values (M,), code (1,), text (T,), all float32 -> values (M,) float32.
-// The branch-free way for a compiled graph to stop on a condition every rank
-// agrees on: the caller computes an error code (0 = no error) from all-reduced
-// numbers and routes a small tensor it needs next through this kernel.
-//   code 0:      values' = values (a copy)
-//   code k >= 1: the step stops with error k (stop_step above: the message names
-//                the layer, text entry 0, and says what k means, text entry k);
-//                the output is then not written.
-// A malformed call stops with error 1 ("malformed call of the Guard kernel").
-extern "C" int Guard(int nparam, void **params, int *ndims, int64_t **shapes,
-                     const char **dtypes, void *, void *) {
-  const bool well_formed = nparam == 4 && all_1d_float32(4, ndims, dtypes) && shapes[1][0] == 1 &&
-                           shapes[3][0] == shapes[0][0];
-  const float code = well_formed ? *static_cast<const float *>(params[1]) : 1.0f;
-  if (code == 0.0f) {
-    std::memcpy(params[3], params[0], static_cast<size_t>(shapes[0][0]) * sizeof(float));
-    return 0;
-  }
-  stop_step(code, well_formed ? static_cast<const float *>(params[2]) : nullptr,
-            well_formed ? shapes[2][0] : 0, "Guard");
-}
-// values (M,), code (1,), text (T,) -> values
-MSSBN_INFER_SHAPE(Guard) { return mssbn::input_shape(ndims, shapes, 0); }
-
 // CheckPairing: values (M,), reduced_tag (1,), tag (1,), group size (1,),
 // code (1,), text (T,), all float32 -> values (M,) float32.
 // The backward's layer-identity check, in one call after the all-reduce: every
@@ -529,7 +530,7 @@ MSSBN_INFER_SHAPE(Guard) { return mssbn::input_shape(ndims, shapes, 0); }
 // belonged to the same layer application (integers below 2^24: exact float32).
 //   reduced_tag == tag * group size (float32 product):  values' = values (a copy)
 //   otherwise (NaN included): the step stops with error `code` (the caller passes
-//     GUARD_MISPAIRED), exactly as Guard stops for that code (stop_step: the
+//     GUARD_MISPAIRED), as CombineMoments stops for its codes (stop_step: the
 //     message names the layer, text entry 0, and says what the code means, text
 //     entry `code`); the output is then not written.
 // A malformed call stops with error 1 ("malformed call of the CheckPairing kernel").
@@ -835,21 +836,11 @@ inline void elementwise(int64_t len, T *y, const Elem &f) {
   }
 }
 
-// ------------------------------------------------------------ local_stats --
-// Contract:
-//   in  x      (N, C, *)  f16 | bf16 | f32 | f64
-//   in  shift  (C,)       f32   per-channel shift K, identical on every rank
-//   out stats  (3C+1,)    f32   [ sum(x-K) (C) | sum((x-K)^2) (C) | n*K (C) | n (1) ]
-//                               with n = N * prod(shape[2:]) the local count.
-// Sums are exact sums of the local batch (not means), so the caller can
-// all-reduce the vector as is; an empty batch (N = 0) yields all zeros.
-// One pass over x; x-K is formed in the compute type, the sums accumulate as
-// described at the top (blocks of kBlock in the compute type, then double);
-// n*K is computed in double.
-// Per-channel sums of x-K and (x-K)^2 over the local batch, in double, for
-// a per-channel K in the compute type (sums[0:C] and sums[C:2C]). One pass over
-// x; x-K is formed in the compute type, the sums accumulate as described at the
-// top (blocks of kBlock in the compute type, then double).
+// ------------------------------------------------------------ shifted sums --
+// Per-channel sums of x-K and (x-K)^2 over the local batch, in double, for a
+// per-channel K in the compute type (sums[0:C] and sums[C:2C]). One pass over
+// x, in memory order; x-K is formed in the compute type, the sums accumulate as
+// described at the top (blocks of kBlock in the compute type, then double).
 template <typename T>
 void shifted_sums(const T *x, const std::vector<typename Lanes<T>::CT> &k, double *sums, NCS v) {
   typedef Lanes<T> L;
@@ -877,32 +868,6 @@ void shifted_sums(const T *x, const std::vector<typename Lanes<T>::CT> &k, doubl
       };
     }, sums, sums + C);
   }
-}
-
-// ------------------------------------------------------------ local_stats --
-// Contract:
-//   in  x      (N, C, *)  f16 | bf16 | f32 | f64
-//   in  shift  (C,)       f32   per-channel shift K, identical on every rank
-//   out stats  (3C+1,)    f32   [ sum(x-K) (C) | sum((x-K)^2) (C) | n*K (C) | n (1) ]
-//                               with n = N * prod(shape[2:]) the local count.
-// Sums are exact sums of the local batch (not means), so the caller can
-// all-reduce the vector as is; an empty batch (N = 0) yields all zeros.
-// One pass over x (shifted_sums); n*K is computed in double.
-template <typename T>
-void local_stats(const T *x, const float *shift, float *out, NCS v) {
-  typedef typename Lanes<T>::CT CT;
-  const int64_t C = v.c;
-  std::vector<double> sums(2 * C);  // [ sum(x-K) | sum((x-K)^2) ]
-  std::vector<CT> k(C);
-  for (int64_t c = 0; c < C; ++c) k[c] = static_cast<CT>(shift[c]);
-  shifted_sums<T>(x, k, sums.data(), v);
-  const double count = static_cast<double>(v.n) * static_cast<double>(v.s);
-  for (int64_t c = 0; c < C; ++c) {
-    out[c] = static_cast<float>(sums[c]);
-    out[C + c] = static_cast<float>(sums[C + c]);
-    out[2 * C + c] = static_cast<float>(count * static_cast<double>(shift[c]));
-  }
-  out[3 * C] = static_cast<float>(count);
 }
 
 // ---------------------------------------------------------- local_moments --
@@ -941,14 +906,14 @@ void local_moments(const T *x, const float *shift, float *mean, float *var, NCS 
     for (int64_t c = 0; c < C; ++c) {
       const double d = sums[c] / n;
       const double m = static_cast<double>(k[c]) + d;
-      const double vb = std::max(sums[C + c] / n - d * d, 0.0);
+      const double vb = std::max(sums[C + c] / n - d * d, 0.0);  // rounding; NaN stays NaN
       const double tol = kRecentreMeanTolerance * m;
       if (pass == 0 && d * d > kRecentreRatio * vb + tol * tol) {
         k[c] = static_cast<CT>(m);  // NaN/Inf channels: d*d is not > anything: kept
         again = true;
       }
       mean[c] = static_cast<float>(m);
-      var[c] = std::isnan(sums[C + c]) ? static_cast<float>(sums[C + c]) : static_cast<float>(vb);
+      var[c] = static_cast<float>(vb);
     }
   }
 }
@@ -1130,9 +1095,6 @@ void backward_elemt(const T *dy, const T *x, const float *mean, const float *inv
 template <typename T> T *as(void *p) { return static_cast<T *>(p); }
 
 // Parameter order is the contract order above: inputs, then the output.
-template <typename T> void run_local_stats(void **p, NCS v) {
-  local_stats<T>(as<const T>(p[0]), as<const float>(p[1]), as<float>(p[2]), v);
-}
 template <typename T> void run_local_moments(void **p, NCS v) {
   local_moments<T>(as<const T>(p[0]), as<const float>(p[1]), as<float>(p[2]), as<float>(p[3]), v);
 }
@@ -1155,8 +1117,7 @@ template <typename T> void run_backward_elemt(void **p, NCS v) {
 
 // [kernel][dtype], dtypes in DType order: f16, bf16, f32, f64.
 #define MSSBN_ROW(fn) {fn<f16>, fn<bf16>, fn<float>, fn<double>}
-extern const KernelTable kernels = {MSSBN_ROW(run_local_stats), MSSBN_ROW(run_local_moments),
-                                    MSSBN_ROW(run_normalize),
+extern const KernelTable kernels = {MSSBN_ROW(run_local_moments), MSSBN_ROW(run_normalize),
                                     MSSBN_ROW(run_backward_reduce), MSSBN_ROW(run_backward_elemt)};
 #undef MSSBN_ROW
 
