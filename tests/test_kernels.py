@@ -18,6 +18,7 @@ the library through ctypes), and the size of the collective payloads, which
 must not depend on the world size.
 """
 import ctypes
+import functools
 import json
 import os
 import subprocess
@@ -33,11 +34,12 @@ from mindspore import nn, ops
 from ms_syncbn.kernels import (GUARD_CHANNELS_DIFFER, GUARD_CODES, GUARD_MEANINGS, GUARD_MISPAIRED,
                                GUARD_SINGLE_VALUE, guard_message, guard_text)
 from ms_syncbn.kernels.composite import CheckPairing as CompositeCheckPairing
-from ms_syncbn.kernels.composite import FinalizeStats as CompositeFinalizeStats
+from ms_syncbn.kernels.composite import CombineMoments as CompositeCombineMoments
+from ms_syncbn.kernels.composite import FinalizeMoments as CompositeFinalizeMoments
 from ms_syncbn.kernels.composite import Fingerprint as CompositeFingerprint
-from ms_syncbn.kernels.composite import Guard as CompositeGuard, UpdateStats as CompositeUpdateStats
+from ms_syncbn.kernels.composite import UpdateStats as CompositeUpdateStats
 from ms_syncbn.kernels.cpu import cpu_kernels, cpu_library_path
-from ms_syncbn.sync_function import RESHIFT_MEAN_TOLERANCE, RESHIFT_RATIO, SyncBatchNormFunction
+from ms_syncbn.sync_function import SyncBatchNormFunction
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16,
           "float64": ms.float64}
@@ -114,15 +116,41 @@ def channel_params(rng, channels):
 
 
 # ------------------------------------------------------- contract in f64 --
-def local_stats_ref(x, shift):
-    """-> [sum(x-K) | sum((x-K)^2) | n*K | n] and the per-channel sums of |terms|."""
-    d = x - channel_view(shift, x.ndim)
+def local_moments_ref(x, shift):
+    """-> float64 mean, biased var (zeros for an empty batch), and the error bounds of the
+    contract's kernel: float32 block sums around a centre K no further from the mean than the
+    kernel's re-centring threshold (8 standard deviations + 2^-20 |mean|: a hint beyond it is
+    replaced by the mean, in a second pass) -> SUM_RTOL of the sums of |terms| around K."""
     axes = reduce_axes(x.ndim)
-    count = x.size // x.shape[1] if x.size else 0
-    ref = np.concatenate([d.sum(axis=axes), (d * d).sum(axis=axes), count * shift, [count]])
-    scale = np.concatenate([np.abs(d).sum(axis=axes), (d * d).sum(axis=axes),
-                            np.abs(count * shift), [count]])
-    return ref, scale
+    channels = x.shape[1]
+    if x.size == 0:
+        zeros = np.zeros(channels)
+        return zeros, zeros, zeros, zeros
+    n = x.size // channels
+    mean = x.mean(axis=axes)
+    var = ((x - channel_view(mean, x.ndim)) ** 2).mean(axis=axes)
+    reach = 8.0 * np.sqrt(var) + 2.0 ** -20 * np.abs(mean) + 1e-6 * np.abs(mean)
+    centre = mean + np.clip(shift - mean, -reach, reach)
+    d = x - channel_view(centre, x.ndim)
+    scale1 = np.abs(d).sum(axis=axes) / n  # of sum(x - K) / n
+    scale2 = (d * d).sum(axis=axes) / n  # of sum((x - K)^2) / n
+    offset = np.abs(mean - centre)
+    return mean, var, scale1, scale2 + 2.0 * offset * scale1
+
+
+def assert_moments_close(got_mean, got_var, x64, shift64, dtype, what):
+    """local_moments' two outputs against the float64 mean and biased variance of x."""
+    for name, got in (("mean", got_mean), ("var", got_var)):
+        assert got.dtype == ms.float32, f"{what} {name}: dtype {got.dtype}, expected float32"
+        assert got.shape == (x64.shape[1],), f"{what} {name}: shape {got.shape}"
+    mean, var, mean_scale, var_scale = local_moments_ref(x64, shift64)
+    for name, got, ref, scale in (("mean", got_mean, mean, mean_scale), ("var", got_var, var, var_scale)):
+        got = got.asnumpy().astype(np.float64)
+        bound = 2 * SUM_RTOL[dtype] * scale + 1.2e-7 * np.abs(ref) + 1e-30
+        bad = ~(np.abs(got - ref) <= bound)
+        assert not bad.any(), (f"{what} {name} ({dtype}): channels {np.flatnonzero(bad)[:8]} off: "
+                               f"got {got[bad][:4]}, expected {ref[bad][:4]} (bounds {bound[bad][:4]})")
+
 
 
 def normalize_ref(x, mean, invstd, weight, bias):
@@ -193,46 +221,97 @@ def kernels():
     return cpu_kernels()
 
 
-# ------------------------------------------------------------ local_stats --
+# ---------------------------------------------------------- local_moments --
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("shape", WORKING_SHAPES, ids=str)
-def test_local_stats(kernels, shape, dtype):
+def test_local_moments(kernels, shape, dtype):
     rng = np.random.default_rng(seed(shape, dtype))
     x, x64 = make_input(rng, shape, dtype, loc=0.7, scale=1.3)
     shift, shift64 = f32(rng.normal(0.5, 0.5, shape[1]))
-    out = kernels.local_stats(x, shift)
-    ref, scale = local_stats_ref(x64, shift64)
-    assert out.shape == (3 * shape[1] + 1,)
-    assert_sums_close(out, ref, scale, dtype, "local_stats")
+    mean, var = kernels.local_moments(x, shift)
+    assert_moments_close(mean, var, x64, shift64, dtype, "local_moments")
 
 
+@pytest.mark.parametrize("hint", ["zero", "mean_plus_50_std", "near_mean"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
-def test_local_stats_large_mean_shift_near_mean(kernels, dtype):
-    """Data far from 0 with a shift near the mean: the shifted sums give the variance to float32
-    precision (plain sums of x and x^2 would lose it all)."""
-    rng = np.random.default_rng(7)
+def test_local_moments_large_mean_whatever_the_hint(kernels, dtype, hint):
+    """Data far from 0 (std 1): the variance to ~2e-5 of float64 whether the hint is near the
+    mean (one pass of shifted sums suffices) or far off (0, or 50 std away: the shifted sums
+    alone would lose the variance, so the kernel must sum again around the mean)."""
+    rng = np.random.default_rng(seed("large", dtype, hint))
     loc = 1000.0 if dtype == "float16" else 1.0e4
     x, x64 = make_input(rng, (16, 3, 9, 11), dtype, loc=loc, scale=1.0)
     true_mean = x64.mean(axis=(0, 2, 3))
     true_var = x64.var(axis=(0, 2, 3))
-    shift, shift64 = f32(true_mean + rng.normal(0.0, 0.3, 3))
-    out = kernels.local_stats(x, shift).asnumpy().astype(np.float64)
-    channels = 3
-    s1, s2, nk, n = out[:channels], out[channels:2 * channels], out[2 * channels:3 * channels], out[-1]
-    ref, scale = local_stats_ref(x64, shift64)
-    assert_sums_close(ms.Tensor(out.astype(np.float32)), ref, scale, dtype, "local_stats large mean")
-    var = s2 / n - (s1 / n) ** 2
+    offsets = {"zero": -true_mean, "mean_plus_50_std": 50.0 * np.sqrt(true_var),
+               "near_mean": rng.normal(0.0, 0.3, 3)}
+    shift, _ = f32(true_mean + offsets[hint])
+    mean, var = (o.asnumpy().astype(np.float64) for o in kernels.local_moments(x, shift))
     np.testing.assert_allclose(var, true_var, rtol=2e-5)
-    np.testing.assert_allclose(nk / n + s1 / n, true_mean, rtol=1e-6)
+    np.testing.assert_allclose(mean, true_mean, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
-def test_local_stats_empty_batch_is_all_zeros(kernels, shape, dtype):
+def test_local_moments_empty_batch_is_all_zeros(kernels, shape, dtype):
     x = ms.Tensor(np.zeros(shape, np.float32)).astype(DTYPES[dtype])
     shift, _ = f32(np.arange(1, shape[1] + 1))
-    out = kernels.local_stats(x, shift).asnumpy()
-    np.testing.assert_array_equal(out, np.zeros(3 * shape[1] + 1, np.float32))
+    mean, var = kernels.local_moments(x, shift)
+    assert mean.shape == var.shape == (shape[1],)
+    np.testing.assert_array_equal(mean.asnumpy(), np.zeros(shape[1], np.float32))
+    np.testing.assert_array_equal(var.asnumpy(), np.zeros(shape[1], np.float32))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("rows", [5, 3000], ids=["small", "several_blocks"])
+def test_local_moments_constant_channel_has_variance_exactly_zero(kernels, dtype, rows):
+    """A constant channel far from the hint (1e4, hint 0): its mean exactly, its variance exactly
+    0 (the shifted sums alone leave rounding noise of ~1e8 * 2^-24 there)."""
+    rng = np.random.default_rng(seed("constant", dtype, rows))
+    values = rng.normal(0.0, 1.0, (rows, 3, 7))
+    values[:, 1] = 1.0e4
+    values[:, 2] = -1234.5678
+    x = ms.Tensor(values, ms.float64) if dtype == "float64" else \
+        ms.Tensor(values.astype(np.float32)).astype(DTYPES[dtype])
+    x64 = to_f64(x)
+    constant = x64[0, 1:, 0]  # the values as received (bfloat16 rounds 1e4)
+    assert (x64[:, 1:] == constant[None, :, None]).all()
+    mean, var = (o.asnumpy() for o in kernels.local_moments(x, ms.Tensor(np.zeros(3, np.float32))))
+    np.testing.assert_array_equal(var[1:], [0.0, 0.0])
+    np.testing.assert_array_equal(mean[1:].astype(np.float64), constant.astype(np.float32))
+    np.testing.assert_allclose(var[0], x64[:, 0].var(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_local_moments_non_finite_value_poisons_only_its_channel(kernels, dtype, bad):
+    rng = np.random.default_rng(seed("nan", dtype))
+    values = rng.normal(2.0, 1.0, (6, 4, 5))
+    values[3, 1, 2] = bad
+    x = ms.Tensor(values, ms.float64) if dtype == "float64" else ms.Tensor(values.astype(np.float32))
+    x64 = to_f64(x)
+    shift, shift64 = f32(np.full(4, 2.0))
+    mean, var = kernels.local_moments(x, shift)
+    m, v = mean.asnumpy(), var.asnumpy()
+    # that channel: a NaN variance (so the state will not move there), a non-finite mean
+    assert np.isnan(v[1]) and not np.isfinite(m[1]), (m, v)
+    if bad != bad:
+        assert np.isnan(m[1]), m
+    keep = [0, 2, 3]
+    good = x64[:, keep]
+    assert_moments_close(ms.Tensor(m[keep]), ms.Tensor(v[keep]), good, shift64[keep], dtype,
+                         "local_moments other channels")
+
+
+def test_local_moments_rejects_a_malformed_call(kernels):
+    x = ms.Tensor(np.ones((2, 3, 4), np.float32))
+    with pytest.raises(RuntimeError, match=r"is 1\b"):  # shift of the wrong length
+        kernels.local_moments(x, ms.Tensor(np.zeros(4, np.float32)))[0].asnumpy()
+    with pytest.raises(RuntimeError, match=r"is 1\b"):  # shift not float32
+        kernels.local_moments(x, ms.Tensor(np.zeros(3, np.float16)))[0].asnumpy()
+    with pytest.raises(RuntimeError, match=r"is 1\b"):  # x of an unsupported dtype
+        kernels.local_moments(ms.Tensor(np.ones((2, 3, 4), np.int32)),
+                              ms.Tensor(np.zeros(3, np.float32)))[0].asnumpy()
 
 
 # -------------------------------------------------------------- normalize --
@@ -380,21 +459,21 @@ def test_backward_elemt_empty_batch(kernels, shape, dtype):
 
 # ------------------------------------------------------------- graph mode --
 class AllKernels(nn.Cell):
-    """The four kernels chained as in a training step, compiled as one graph."""
+    """The four element kernels chained as in a training step, compiled as one graph."""
 
     def __init__(self, table):
         super().__init__()
-        self.local_stats = table.local_stats
+        self.local_moments = table.local_moments
         self.normalize = table.normalize
         self.backward_reduce = table.backward_reduce
         self.backward_elemt = table.backward_elemt
 
     def construct(self, x, dy, shift, mean, invstd, weight, bias, count):
-        stats = self.local_stats(x, shift)
+        local_mean, local_var = self.local_moments(x, shift)
         y = self.normalize(x, mean, invstd, weight, bias)
         sum_dy, sum_dy_xmu, _, _ = self.backward_reduce(dy, x, mean, invstd)
         dx = self.backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
-        return stats, y, ops.cat((sum_dy, sum_dy_xmu)), dx
+        return local_mean, local_var, y, ops.cat((sum_dy, sum_dy_xmu)), dx
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -404,16 +483,20 @@ def test_kernels_in_graph_mode(kernels, dtype):
     x, x64 = make_input(rng, shape, dtype, loc=2.0)
     dy, dy64 = make_input(rng, shape, dtype)
     shift, shift64 = f32(rng.normal(2.0, 0.3, 6))
+    shift_far, shift_far64 = f32(np.full(6, 300.0))  # far off: the in-kernel second pass
     (mean, mean64), (invstd, invstd64), (weight, weight64), (bias, bias64) = channel_params(rng, 6)
     count, count64 = f32([x64.size // 6])
     previous_mode = ms.get_context("mode")
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
-        stats, y, sums, dx = AllKernels(kernels)(x, dy, shift, mean, invstd, weight, bias, count)
+        net = AllKernels(kernels)
+        local_mean, local_var, y, sums, dx = net(x, dy, shift, mean, invstd, weight, bias, count)
+        far_mean, far_var = net(x, dy, shift_far, mean, invstd, weight, bias, count)[:2]
     finally:
         ms.set_context(mode=previous_mode)
-    ref, scale = local_stats_ref(x64, shift64)
-    assert_sums_close(stats, ref, scale, dtype, "graph local_stats")
+    assert_moments_close(local_mean, local_var, x64, shift64, dtype, "graph local_moments")
+    assert_moments_close(far_mean, far_var, x64, x64.mean(axis=(0, 2, 3)), dtype,
+                         "graph local_moments, hint far off")
     ref, scale = normalize_ref(x64, mean64, invstd64, weight64, bias64)
     assert_close(to_f64(y), ref, scale, dtype, ELEM_RTOL, "graph normalize")
     ref_sums, scale = backward_reduce_ref(dy64, x64, mean64)
@@ -424,48 +507,58 @@ def test_kernels_in_graph_mode(kernels, dtype):
 
 
 class PerChannelKernels(nn.Cell):
-    """The per-channel kernels of a training step chained as the callers chain them (backward
-    reduce -> elemt; finalize -> update; fingerprint -> check_pairing; guard)."""
+    """The kernels of a training step chained as the callers chain them (local moments ->
+    combine -> finalize -> update, on one rank: the all-reduces are identities; backward
+    reduce -> elemt; fingerprint -> check_pairing)."""
 
     def __init__(self, table):
         super().__init__()
         self.table = table
         self.group_size = ms.Tensor([2.0], ms.float32)
         self.mispaired = ms.Tensor([GUARD_MISPAIRED], ms.float32)
-        self.no_code = ms.Tensor([0.0], ms.float32)
 
-    def construct(self, dy, x, mean, invstd, weight, count, sums, params, shift, modulus, text):
-        sum_dy, sum_dy_xmu, grad_weight, grad_bias = self.table.backward_reduce(dy, x, mean, invstd)
+    def construct(self, dy, x, mean, invstd, weight, count, reduced, n, expected, if_equal,
+                  if_unequal, shift, modulus, text, eps):
+        sum_dy, sum_dy_xmu, grad_weight, _ = self.table.backward_reduce(dy, x, mean, invstd)
         dx = self.table.backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
-        g_mean, g_invstd, g_var, code, g_count, reshift, increment = self.table.finalize_stats(sums, params)
+        local_mean, local_var = self.table.local_moments(x, shift)
+        m2_part, g_mean, g_count, g_count_less_one, code, increment = self.table.combine_moments(
+            reduced, local_mean, local_var, n, expected, if_equal, if_unequal, text)
+        g_invstd, g_var = self.table.finalize_moments(m2_part, g_count, g_count_less_one, eps)
         state = self.table.update_stats(g_mean, g_var, shift, shift, shift, ops.ones_like(count) * 0.5)
         tag = self.table.fingerprint(g_invstd, modulus)
         paired = self.table.check_pairing(grad_weight, tag * self.group_size, tag, self.group_size,
                                           self.mispaired, text)
-        guarded = self.table.guard(grad_bias, self.no_code, text)
-        return (sum_dy, sum_dy_xmu, dx, paired, guarded, g_var, code, increment, tag) + state
+        return (sum_dy, sum_dy_xmu, dx, paired, g_mean, g_var, code, increment, tag) + state
 
 
 def test_per_channel_kernels_in_a_graph_compiled_for_dynamic_shapes(kernels):
     """Each kernel's C++ shape function (one shape per output for the multi-output ones) at
     compile time with unknown dimensions and again at run time, for two widths in one graph."""
     net = PerChannelKernels(kernels)
+    tables = SyncBatchNormFunction(kernels, None, 1)
     dynamic = lambda *shape: ms.Tensor(shape=shape, dtype=ms.float32)
     previous_mode = ms.get_context("mode")
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
         net.set_inputs(dynamic(None, None, None), dynamic(None, None, None), dynamic(None),
-                       dynamic(None), dynamic(None), dynamic(1), dynamic(None), dynamic(6),
-                       dynamic(None), dynamic(1), dynamic(None))
+                       dynamic(None), dynamic(None), dynamic(1), dynamic(None), dynamic(1),
+                       dynamic(3), dynamic(3, 3), dynamic(3, 3), dynamic(None), dynamic(1),
+                       dynamic(None), dynamic(1))
         for rows, channels in [(4, 3), (7, 5)]:
             rng = np.random.default_rng(rows)
-            args, args64 = elemt_inputs(rng, (rows, channels, 6), "float32")
+            args, args64 = elemt_inputs(rng, (rows, channels, 6), "float32", loc=0.5)
             dy, x, mean, invstd, weight, _, count = args
-            shift, shift64 = f32(rng.normal(0.5, 0.1, channels))
-            sums, full = group_sums(rng, channels, (2, 3), 0.5, shift64)
-            params = ms.Tensor(np.array(FINALIZE_PARAMS, np.float32))
-            outs = net(dy, x, mean, invstd, weight, count, ms.Tensor(sums), params, shift,
-                       ms.Tensor([8191.0], ms.float32), ms.Tensor(guard_text("layer")))
+            x64 = args64[1]
+            shift, _ = f32(rng.normal(0.5, 0.1, channels))
+            n = x64.size // channels
+            # one rank (W = 1): the first payload is the reduced one
+            reduced = np.concatenate([x64.sum(axis=(0, 2)), [n, n - 1, n, n, channels]])
+            outs = net(dy, x, mean, invstd, weight, count, ms.Tensor(reduced.astype(np.float32)),
+                       ms.Tensor([float(n)], ms.float32), ms.Tensor([1.0, 0.0, channels], ms.float32),
+                       tables.verdict_if_equal, tables.verdict_if_unequal, shift,
+                       ms.Tensor([8191.0], ms.float32), ms.Tensor(guard_text("layer")),
+                       ms.Tensor([1e-5], ms.float32))
             assert [o.shape for o in outs] == [(channels,)] * 2 + [(rows, channels, 6)] + \
                 [(channels,)] * 3 + [(1,)] * 3 + [(channels,)] * 3
             group = outs[0].asnumpy().astype(np.float64), outs[1].asnumpy().astype(np.float64)
@@ -473,9 +566,10 @@ def test_per_channel_kernels_in_a_graph_compiled_for_dynamic_shapes(kernels):
             assert_sums_close(ops.cat(outs[:2]), ref, scale, "float32", "dynamic backward_reduce")
             ref, scale = backward_elemt_ref(*args64[:5], np.concatenate(group), args64[6])
             assert_close(to_f64(outs[2]), ref, scale, "float32", ELEM_RTOL, "dynamic backward_elemt")
-            np.testing.assert_array_equal(outs[4].asnumpy(), outs[0].asnumpy())  # grad_bias = sum_dy
-            np.testing.assert_allclose(outs[5].asnumpy(), full.var(axis=(0, 2), ddof=1), rtol=1e-5)
+            np.testing.assert_allclose(outs[4].asnumpy(), x64.mean(axis=(0, 2)), rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(outs[5].asnumpy(), x64.var(axis=(0, 2), ddof=1), rtol=1e-5)
             np.testing.assert_array_equal(np.concatenate([o.asnumpy() for o in outs[6:8]]), [0.0, 1.0])
+            np.testing.assert_array_equal(outs[9].asnumpy(), outs[4].asnumpy())  # shift' = mean
     finally:
         ms.set_context(mode=previous_mode)
 
@@ -507,14 +601,15 @@ for key, dtype in meta.items():
         ("shift", "mean", "invstd", "weight", "bias", "sums", "count"))
     C = x.shape[1]
     e = [dtype, "float32"]
-    stats = np.zeros(3 * C + 1, np.float32); call("LocalStats", [x, shift, stats], [e[0], e[1], e[1]])
+    moments = [np.full(C, np.nan, np.float32) for _ in range(2)]
+    call("LocalMoments", [x, shift] + moments, [e[0]] + [e[1]] * 3)
     y = np.empty_like(x); call("Normalize", [x, mean, invstd, weight, bias, y], [e[0]] + [e[1]] * 4 + [e[0]])
     red = [np.full(C, np.nan, np.float32) for _ in range(4)]
     call("BackwardReduce", [dy, x, mean, invstd] + red, [e[0], e[0]] + [e[1]] * 6)
     dx = np.empty_like(x)
     call("BackwardElemt", [dy, x, mean, invstd, weight, sums[:C].copy(), sums[C:].copy(), count, dx],
          [e[0], e[0]] + [e[1]] * 6 + [e[0]])
-    outputs.update({key + ".stats": stats, key + ".y": y, key + ".dx": dx,
+    outputs.update({key + ".mean": moments[0], key + ".var": moments[1], key + ".y": y, key + ".dx": dx,
                     key + ".red": np.concatenate(red[:2]), key + ".grads": np.concatenate(red[2:])})
 np.savez(sys.argv[3], **outputs)
 print(lib.MsSyncBnCpuIsa().decode())
@@ -549,7 +644,9 @@ def test_every_instruction_set_meets_the_contracts(isa, tmp_path):
             dy64 = _from_storage(_to_storage(rng.normal(0.0, 1.0, shape), dtype), dtype)
             channels = shape[1]
             per_channel = {
-                "shift": rng.normal(0.5, 0.3, channels), "mean": rng.normal(0.5, 0.3, channels),
+                # the hint near the mean, or far off (-1e4: the kernel's second pass)
+                "shift": rng.normal(0.5, 0.3, channels) if shape[0] != 37 else np.full(channels, -1.0e4),
+                "mean": rng.normal(0.5, 0.3, channels),
                 "invstd": rng.uniform(0.5, 2.0, channels), "weight": rng.normal(1.0, 0.5, channels),
                 "bias": rng.normal(0.0, 0.5, channels), "sums": rng.normal(0.0, 9.0, 2 * channels),
                 "count": np.array([max(x64.size // channels, 1) * 2.0])}
@@ -572,8 +669,8 @@ def test_every_instruction_set_meets_the_contracts(isa, tmp_path):
     out = np.load(tmp_path / "out.npz")
     for key, (dtype, x64, dy64, p) in inputs64.items():
         what = f"{isa} {key}"
-        ref, scale = local_stats_ref(x64, p["shift"])
-        assert_sums_close(ms.Tensor(out[key + ".stats"]), ref, scale, dtype, what + " local_stats")
+        assert_moments_close(ms.Tensor(out[key + ".mean"]), ms.Tensor(out[key + ".var"]), x64,
+                             p["shift"], dtype, what + " local_moments")
         ref, scale = normalize_ref(x64, p["mean"], p["invstd"], p["weight"], p["bias"])
         assert_close(_from_storage(out[key + ".y"], dtype), ref, scale, dtype, ELEM_RTOL,
                      what + " normalize")
@@ -628,10 +725,11 @@ class RecordingAllReduce(nn.Cell):
 
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 @pytest.mark.parametrize("channels", [1, 3, 64])
-def test_collective_payload_is_3c_plus_2_then_2c_plus_1_whatever_the_world_size(kernels, world_size,
-                                                                           channels):
-    """One training step of the shared algorithm: exactly one all-reduce of (3C+2,) float32 in
-    forward and one of (2C+1,) float32 in backward; the statistics equal the single-rank ones."""
+def test_collective_payload_is_c_plus_5_and_c_then_2c_plus_1_whatever_the_world_size(
+        kernels, world_size, channels):
+    """One training step of the shared algorithm: exactly two all-reduces in forward, of (C+5,)
+    and (C,) float32, and one of (2C+1,) float32 in backward; the statistics equal the
+    single-rank ones."""
     rng = np.random.default_rng(world_size * 100 + channels)
     x64 = rng.normal(0.5, 1.2, (4, channels, 3, 5))
     x = ms.Tensor(x64.astype(np.float32))
@@ -639,7 +737,7 @@ def test_collective_payload_is_3c_plus_2_then_2c_plus_1_whatever_the_world_size(
     dy = ms.Tensor(rng.normal(size=x64.shape).astype(np.float32))
     weight = ms.Tensor(rng.normal(1.0, 0.3, channels).astype(np.float32))
     bias = ms.Tensor(rng.normal(0.0, 0.3, channels).astype(np.float32))
-    # Shift at the batch mean: the steady state, where no re-centring pass is needed.
+    # The hint at the batch mean: the steady state (the kernel needs no second pass).
     shift = ms.Tensor(x64.mean(axis=(0, 2, 3)).astype(np.float32))
     recorder = RecordingAllReduce(world_size)
     function = SyncBatchNormFunction(kernels, recorder, world_size)
@@ -656,9 +754,10 @@ def test_collective_payload_is_3c_plus_2_then_2c_plus_1_whatever_the_world_size(
     grad_fn = ms.grad(Step(), grad_position=0)
     dx = grad_fn(x, weight, bias, shift, dy)
     dx.asnumpy()
-    # [shifted sums (3C+1) | num_features check (1)] forward, [grad sums (2C) | layer tag (1)]
-    # backward: the two check slots turn mismatched layers into errors.
-    assert recorder.payloads == [((3 * channels + 2,), ms.float32), ((2 * channels + 1,), ms.float32)]
+    # forward [n_i m_i (C) | N | N - 1 | checks (3)] then [m2_part (C)], backward [grad sums (2C) |
+    # layer tag (1)]: the check slots turn mismatched layers into errors.
+    assert recorder.payloads == [((channels + 5,), ms.float32), ((channels,), ms.float32),
+                                 ((2 * channels + 1,), ms.float32)]
     _, mean, invstd, var, count, code, increment = function(x, weight, bias, shift, eps)
     group_count = world_size * x64.size // channels
     np.testing.assert_allclose(mean.asnumpy(), x64.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
@@ -677,7 +776,7 @@ def test_kernel_payload_sizes_depend_only_on_channels(kernels, channels, batch):
     x = ms.Tensor(np.ones((batch, channels, 3), np.float32))
     shift = ms.Tensor(np.zeros(channels, np.float32))
     mean = shift
-    assert kernels.local_stats(x, shift).shape == (3 * channels + 1,)
+    assert [s.shape for s in kernels.local_moments(x, shift)] == [(channels,)] * 2
     assert [s.shape for s in kernels.backward_reduce(x, x, mean, mean)] == [(channels,)] * 4
 
 
@@ -711,58 +810,28 @@ def test_library_reports_an_instruction_set():
 
 # ------------------------------------------------------------------------------ guard --
 
-@pytest.mark.parametrize("mode", ["pynative", "graph"])
-def test_guard_passes_values_through_on_code_zero(kernels, mode):
-    class Guarded(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.guard = kernels.guard
-
-        def construct(self, values, code, text):
-            return self.guard(values, code, text) * 2.0
-
-    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
-    try:
-        values = np.random.default_rng(7).normal(size=11).astype(np.float32)
-        out = Guarded()(ms.Tensor(values), ms.Tensor(np.zeros(1, np.float32)),
-                        ms.Tensor(guard_text("layer")))
-        np.testing.assert_array_equal(out.asnumpy(), values * 2.0)
-    finally:
-        ms.set_context(mode=ms.PYNATIVE_MODE)
-
-
 @pytest.mark.parametrize("code", GUARD_CODES)
-def test_guard_raises_naming_the_layer_and_saying_what_the_code_means(kernels, code, capfd):
-    values = ms.Tensor(np.ones(3, np.float32))
-    text = guard_text("'net.block.bn' SyncBatchNorm(num_features=3)")
+def test_guard_message_is_the_text_the_cpu_kernels_raise(kernels, code):
+    """Errors raised later, in Python, for a step the Ascend composites poisoned (guard_message,
+    ms_syncbn.guard_check) read exactly as the CPU kernels': CombineMoments for the forward
+    codes, CheckPairing for the backward one."""
+    where = "'net.block.bn' SyncBatchNorm(num_features=5) on process group 'g' of 2 ranks"
     with pytest.raises(RuntimeError) as info:
-        kernels.guard(values, ms.Tensor(np.array([code], np.float32)), ms.Tensor(text)).asnumpy()
-    message = (f"ms_syncbn SyncBatchNorm error {int(code)} in layer "
-               f"'net.block.bn' SyncBatchNorm(num_features=3): {GUARD_MEANINGS[code]}.")
-    assert message in str(info.value), str(info.value)
-    assert message in capfd.readouterr().err
-
-
-@pytest.mark.parametrize("code", GUARD_CODES)
-def test_guard_message_is_the_text_the_cpu_guard_raises(code):
-    """Errors raised later, in Python, for a step the Ascend guard poisoned (guard_message,
-    ms_syncbn.guard_check) read exactly as the CPU kernel's."""
-    where = "'net.block.bn' SyncBatchNorm(num_features=3) on process group 'g' of 2 ranks"
-    text = guard_text(where)
-    with pytest.raises(RuntimeError) as info:
-        cpu_kernels().guard(ms.Tensor(np.ones(3, np.float32)), ms.Tensor(np.array([code], np.float32)),
-                            ms.Tensor(text)).asnumpy()
+        if code == GUARD_MISPAIRED:
+            kernels.check_pairing(*pairing_args(np.ones(3), 9.0, 4.0, 2.0, where)).asnumpy()
+        else:
+            case = next(c for c in STOPPED if c[3] == code)
+            combine_on_rank(kernels.combine_moments, stopped_group(*case[:3]), 0, where)
     raised = str(info.value)
     message = guard_message(code, where)
     assert message.startswith(f"ms_syncbn SyncBatchNorm error {int(code)} in layer {where}: ")
     assert message in raised, (message, raised)
 
 
-def test_guard_without_text_gives_the_code_and_where_its_meaning_is(kernels):
-    with pytest.raises(RuntimeError, match=r"SyncBatchNorm error 4: see ms_syncbn\.kernels\.GUARD_MEANINGS"):
-        kernels.guard(ms.Tensor(np.ones(3, np.float32)),
-                      ms.Tensor(np.array([GUARD_MISPAIRED], np.float32)),
-                      ms.Tensor(np.zeros(0, np.float32))).asnumpy()
+def test_guard_message_of_a_code_out_of_range_reports_a_malformed_call():
+    assert guard_message(0.5, "") == f"ms_syncbn SyncBatchNorm error 1: {GUARD_MEANINGS[1.0]}."
+    assert guard_message(GUARD_SINGLE_VALUE, "") == \
+        f"ms_syncbn SyncBatchNorm error 2: {GUARD_MEANINGS[GUARD_SINGLE_VALUE]}."
 
 
 def test_guard_text_entries_are_the_layer_then_the_meanings_by_code():
@@ -770,29 +839,6 @@ def test_guard_text_entries_are_the_layer_then_the_meanings_by_code():
     assert entries[0] == "layer"
     for code, meaning in GUARD_MEANINGS.items():
         assert entries[int(code)] == meaning
-
-
-def test_guard_rejects_a_malformed_call(kernels):
-    with pytest.raises(RuntimeError, match=r"error 1: malformed call of the Guard kernel"):
-        kernels.guard(ms.Tensor(np.ones((2, 2), np.float32)),
-                      ms.Tensor(np.zeros(1, np.float32)), ms.Tensor(np.zeros(0, np.float32))).asnumpy()
-
-
-@pytest.mark.parametrize("mode", ["pynative", "graph"])
-def test_composite_guard_poisons_instead_of_branching(mode):
-    """The Ascend table's guard: values through on code 0, NaN on any error code, no branch."""
-    guard = CompositeGuard()
-    values = ms.Tensor(np.arange(4, dtype=np.float32))
-    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
-    try:
-        text = ms.Tensor(guard_text("layer"))
-        np.testing.assert_array_equal(guard(values, ms.Tensor(np.zeros(1, np.float32)), text).asnumpy(),
-                                      np.arange(4, dtype=np.float32))
-        for code in GUARD_CODES:
-            out = guard(values, ms.Tensor(np.array([code], np.float32)), text).asnumpy()
-            assert out.shape == (4,) and np.isnan(out).all(), (code, out)
-    finally:
-        ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
 # ------------------------------------------------------------------------- update_stats --
@@ -888,135 +934,245 @@ def test_update_stats_rejects_a_malformed_call(kernels):
         kernels.update_stats(c, c, c, c, c, c)[0].asnumpy()
 
 
-# ----------------------------------------------------------------------- finalize_stats --
+# --------------------------------------------------- combine_moments, finalize_moments --
 
-FINALIZE_PARAMS = (2.0, 1e-5, RESHIFT_RATIO, RESHIFT_MEAN_TOLERANCE, GUARD_CHANNELS_DIFFER,
-                   GUARD_SINGLE_VALUE)  # group of 2 ranks
-
-
-def finalized(finalize, sums, params):
-    """finalize_stats' seven outputs packed as (3C+4,) [mean | invstd | var | code | count |
-    needs reshift | increment]."""
-    outs = finalize(ms.Tensor(np.asarray(sums, np.float32)), ms.Tensor(np.array(params, np.float32)))
-    channels = (len(sums) - 2) // 3
-    assert [o.shape for o in outs] == [(channels,)] * 3 + [(1,)] * 4
-    assert {o.dtype for o in outs} == {ms.float32}
-    return np.concatenate([o.asnumpy() for o in outs])
+EPS = 1e-5
 
 
-def group_sums(rng, channels, ranks_rows, loc, shift):
-    """The all-reduced (3C+2,) sums of ranks holding `ranks_rows` rows each, and the float64 data."""
-    data = [rng.normal(loc, 2.0, (rows, channels, 4)).astype(np.float32).astype(np.float64)
+def simulated_ranks(rng, channels, ranks_rows, loc, plane=4, rank_channels=None):
+    """Ranks holding `ranks_rows` rows (rows, C, plane) each, as the moments protocol sees them.
+
+    Returns a dict: "local" [(mean_i, biased var_i, n_i)] as float32 (the float64 moments of each
+    rank's data, rounded: what local_moments hands on), "reduced" (C+5,) float32, the sum over
+    the ranks (in float32, as the all-reduce) of the first payload
+    [n_i m_i (C) | n_i | n_i - 1/W | n_i | n_i | C_i], "expected" [1, 0, W C] and "full", the
+    float64 data of the whole group. `rank_channels` overrides the C_i slot of each rank (a rank
+    whose layer disagrees on num_features).
+    """
+    world = len(ranks_rows)
+    data = [rng.normal(loc, 2.0, (rows, channels, plane)).astype(np.float32).astype(np.float64)
             for rows in ranks_rows]
-    full = np.concatenate(data, axis=0)
-    d = full - shift[None, :, None]
-    n = full.size // channels
-    sums = np.concatenate([d.sum(axis=(0, 2)), (d * d).sum(axis=(0, 2)), n * shift,
-                           [n, channels * len(ranks_rows)]])
-    return sums.astype(np.float32), full
+    rank_channels = rank_channels or [channels] * world
+    local, payloads = [], []
+    for x, c_i in zip(data, rank_channels):
+        n_i = x.size // channels
+        if n_i:
+            mean_i, var_i = x.mean(axis=(0, 2)), x.var(axis=(0, 2))
+        else:
+            mean_i, var_i = np.zeros(channels), np.zeros(channels)
+        mean_i, var_i = mean_i.astype(np.float32), var_i.astype(np.float32)
+        local.append((mean_i, var_i, np.float32(n_i)))
+        payloads.append(np.concatenate([np.float32(n_i) * mean_i,
+                                        np.array([n_i, n_i - 1.0 / world, n_i, n_i, c_i], np.float32)]))
+    reduced = np.zeros(channels + 5, np.float32)
+    for payload in payloads:
+        reduced += payload  # float32 sums, as the all-reduce
+    expected = np.array([1.0, 0.0, world * channels], np.float32)
+    return {"local": local, "reduced": reduced, "expected": expected, "world": world,
+            "full": np.concatenate(data, axis=0)}
+
+
+@functools.lru_cache(maxsize=None)
+def verdict_tables(world):
+    """The function's verdict tables (if_equal, if_unequal), as tensors."""
+    function = SyncBatchNormFunction(cpu_kernels(), None, world)
+    return function.verdict_if_equal, function.verdict_if_unequal
+
+
+def combine_on_rank(combine, group, rank, where="'net.block.bn' SyncBatchNorm(num_features=5)",
+                    text=None):
+    """combine_moments on rank `rank` of `group` -> its six outputs as float32 arrays."""
+    mean_i, var_i, n_i = group["local"][rank]
+    if_equal, if_unequal = verdict_tables(group["world"])
+    text = guard_text(where) if text is None else text
+    outs = combine(ms.Tensor(group["reduced"]), ms.Tensor(mean_i), ms.Tensor(var_i),
+                   ms.Tensor([n_i], ms.float32), ms.Tensor(group["expected"]), if_equal, if_unequal,
+                   ms.Tensor(np.asarray(text, np.float32)))
+    channels = len(mean_i)
+    assert [o.shape for o in outs] == [(channels,)] * 2 + [(1,)] * 4, [o.shape for o in outs]
+    assert {o.dtype for o in outs} == {ms.float32}
+    return [o.asnumpy() for o in outs]
+
+
+def finalize(finalize_kernel, m2, group_count, group_count_less_one, eps=EPS):
+    outs = finalize_kernel(ms.Tensor(np.asarray(m2, np.float32)),
+                           ms.Tensor(np.asarray(group_count, np.float32).reshape(1)),
+                           ms.Tensor(np.asarray(group_count_less_one, np.float32).reshape(1)),
+                           ms.Tensor([eps], ms.float32))
+    assert [o.shape for o in outs] == [(len(m2),)] * 2 and {o.dtype for o in outs} == {ms.float32}
+    return [o.asnumpy() for o in outs]
+
+
+def protocol_step(combine, finalize_kernel, group):
+    """combine_moments on every rank, the second all-reduce (a float32 sum of m2_part), then
+    finalize_moments -> dict of every rank's combine outputs and the group's invstd, var."""
+    per_rank = [combine_on_rank(combine, group, r) for r in range(group["world"])]
+    m2 = np.zeros_like(per_rank[0][0])
+    with np.errstate(invalid="ignore"):
+        for outs in per_rank:
+            m2 += outs[0]
+    first = per_rank[0]
+    invstd, var = finalize(finalize_kernel, m2, first[2], first[3])
+    return {"ranks": per_rank, "m2": m2, "invstd": invstd, "var": var}
+
+
+def moments_contract(group):
+    """The NumPy float64 statement of the contract for a step that is not stopped: group mean
+    m = sum n_i m_i / N, m2_part_i = n_i (v_i + (m_i - m)^2), M2 their sum, invstd =
+    1/sqrt(M2/N + eps), unbiased var = M2/(N-1)."""
+    reduced = group["reduced"]
+    channels = len(reduced) - 5
+    count, count_less_one = float(reduced[channels]), float(reduced[channels + 1])
+    # the contract's float32 steps: m = sum / N (one rounding), m_i - m (exact or one rounding)
+    mean = (reduced[:channels] / reduced[channels]).astype(np.float32)
+    parts = [float(n) * (v.astype(np.float64) + (m - mean).astype(np.float64) ** 2)
+             for m, v, n in group["local"]]
+    m2 = np.sum(parts, axis=0)
+    mean = mean.astype(np.float64)
+    return {"mean": mean, "parts": parts, "m2": m2, "invstd": 1.0 / np.sqrt(m2 / count + EPS),
+            "var": m2 / count_less_one, "count": count, "count_less_one": count_less_one}
+
+
+def combine_implementation(kernels, implementation):
+    if implementation == "cpu_kernel":
+        return kernels.combine_moments, kernels.finalize_moments
+    return CompositeCombineMoments(), CompositeFinalizeMoments()
 
 
 @pytest.mark.parametrize("implementation", ["cpu_kernel", "composite"])
-@pytest.mark.parametrize("loc, shift_offset, expect_reshift", [(0.5, 0.1, 0.0), (3.0, -40.0, 1.0)])
-def test_finalize_stats(kernels, implementation, loc, shift_offset, expect_reshift):
-    rng = np.random.default_rng(41)
+@pytest.mark.parametrize("ranks_rows", [(3, 6), (2, 5, 4), (0, 4, 3), (7, 0)], ids=str)
+@pytest.mark.parametrize("loc", [0.5, 1.0e4])
+def test_combine_and_finalize_moments(kernels, implementation, ranks_rows, loc):
+    """A normal step (an empty rank among others included): code 0, increment 1, the group's
+    mean, invstd and unbiased variance as the contract states them from the ranks' moments,
+    and as float64 gives them from the concatenated data."""
+    rng = np.random.default_rng(seed("combine", ranks_rows, loc))
     channels = 5
-    shift = np.full(channels, loc + shift_offset).astype(np.float32).astype(np.float64)
-    sums, full = group_sums(rng, channels, (3, 6), loc, shift)
-    finalize = kernels.finalize_stats if implementation == "cpu_kernel" else CompositeFinalizeStats()
-    out = finalized(finalize, sums, FINALIZE_PARAMS)
-    assert out.shape == (3 * channels + 4,) and out.dtype == np.float32
-    count = full.size // channels
-    mean, var = full.mean(axis=(0, 2)), full.var(axis=(0, 2))
-    np.testing.assert_allclose(out[:channels], mean, rtol=1e-6, atol=1e-6)
-    if not expect_reshift:  # a trusted variance: the shift is near the mean
-        # the unbiased variance (Bessel) for the running statistics; invstd from the biased one
-        np.testing.assert_allclose(out[2 * channels:3 * channels], full.var(axis=(0, 2), ddof=1),
-                                   rtol=1e-5)
-        np.testing.assert_allclose(out[channels:2 * channels], 1 / np.sqrt(var + 1e-5), rtol=1e-5)
-    else:
-        assert np.isfinite(out[2 * channels:3 * channels]).all()
-    # code 0, the count, the reshift flag, the step counts
-    np.testing.assert_array_equal(out[3 * channels:], [0.0, count, expect_reshift, 1.0])
+    group = simulated_ranks(rng, channels, ranks_rows, loc)
+    combine, finalize_kernel = combine_implementation(kernels, implementation)
+    step = protocol_step(combine, finalize_kernel, group)
+    want = moments_contract(group)
+    full = group["full"]
+    group_count = full.size // channels
+    for rank, outs in enumerate(step["ranks"]):
+        m2_part, mean, count, count_less_one, code, increment = outs
+        np.testing.assert_array_equal(np.concatenate([count, code, increment]),
+                                      [group_count, 0.0, 1.0], err_msg=f"rank {rank}")
+        np.testing.assert_allclose(count_less_one, [group_count - 1], rtol=2e-7)
+        np.testing.assert_allclose(mean, want["mean"], rtol=3e-7, atol=0, err_msg=f"rank {rank}")
+        np.testing.assert_allclose(m2_part, want["parts"][rank], rtol=2e-6, atol=1e-30,
+                                   err_msg=f"rank {rank}")
+        if ranks_rows[rank] == 0:  # an empty rank sends zeros
+            np.testing.assert_array_equal(m2_part, np.zeros(channels, np.float32))
+    np.testing.assert_allclose(step["var"], want["var"], rtol=4e-6)
+    np.testing.assert_allclose(step["invstd"], want["invstd"], rtol=4e-6)
+    # ... and the group's statistics from the data itself (at 1e4, the float32 m_i and m are off
+    # by up to half an ulp, 2^-11, each, which moves n_i (m_i - m)^2 by ~2 |m_i - m| 2^-10: up
+    # to ~1e-3 of a variance of 4 for these few-value ranks; the protocol's, not a kernel's)
+    rtol = 1e-5 if loc < 100 else 2e-3
+    np.testing.assert_allclose(step["ranks"][0][1], full.mean(axis=(0, 2)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(step["var"], full.var(axis=(0, 2), ddof=1), rtol=rtol)
+    np.testing.assert_allclose(step["invstd"], 1 / np.sqrt(full.var(axis=(0, 2)) + EPS), rtol=rtol)
 
 
 @pytest.mark.parametrize("implementation", ["cpu_kernel", "composite"])
-def test_finalize_stats_edge_cases(kernels, implementation):
-    finalize = kernels.finalize_stats if implementation == "cpu_kernel" else CompositeFinalizeStats()
-    # Layout for C = 2: mean [0:2], invstd [2:4], var [4:6], code 6, count 7, reshift 8, increment 9.
-    # Empty group: mean 0, var NaN (no unbiased variance), count 0, nothing to re-centre, no code,
-    # and the step does not count.
-    empty = np.zeros(3 * 2 + 2, np.float32)
-    empty[-1] = 4.0  # 2 channels x 2 ranks
-    out = finalized(finalize, empty, FINALIZE_PARAMS)
-    np.testing.assert_array_equal(out[:2], [0, 0])
-    np.testing.assert_allclose(out[2:4], 1 / np.sqrt(1e-5), rtol=1e-6)
-    assert np.isnan(out[4:6]).all()
-    np.testing.assert_array_equal(out[6:], [0, 0, 0, 0])
-    # The ranks disagree on num_features: their code, var NaN, never a re-centring pass, no count.
-    rng = np.random.default_rng(3)
-    sums, _ = group_sums(rng, 2, (2, 2), 100.0, np.zeros(2))  # K = 0 far from the mean
-    sums[-1] = 5.0
-    out = finalized(finalize, sums, FINALIZE_PARAMS)
-    assert out[6] == GUARD_CHANNELS_DIFFER and out[8] == 0.0 and out[9] == 0.0
-    assert np.isnan(out[4:6]).all()
-    sums[-2] = 1.0  # ... whatever the count says
-    out = finalized(finalize, sums, FINALIZE_PARAMS)
-    assert out[6] == GUARD_CHANNELS_DIFFER and out[9] == 0.0 and np.isnan(out[4:6]).all()
-    # One value per channel in the group's batch: its code, var NaN, the step does not count.
-    sums[-1] = 4.0
-    out = finalized(finalize, sums, FINALIZE_PARAMS)
-    assert out[6] == GUARD_SINGLE_VALUE and out[7] == 1.0 and out[9] == 0.0
-    assert np.isnan(out[4:6]).all()
-    # Two values per channel: the smallest group with an unbiased variance.
-    x = np.array([[1.0, -3.0], [4.0, 5.0]])  # (N = 2, C = 2)
-    two = np.concatenate([x.sum(0), (x * x).sum(0), [0.0, 0.0], [2.0, 4.0]]).astype(np.float32)
-    out = finalized(finalize, two, FINALIZE_PARAMS)
-    np.testing.assert_allclose(out[4:6], x.var(axis=0, ddof=1), rtol=1e-6)  # [4.5, 32]
-    np.testing.assert_array_equal(out[6:], [0, 2, 0, 1])
-    # A NaN channel stays NaN (var too) and does not make the other channels re-centre.
-    sums, full = group_sums(rng, 2, (2, 2), 0.5, np.full(2, 0.5))
-    sums[0] = np.nan
-    out = finalized(finalize, sums, FINALIZE_PARAMS)
-    assert np.isnan(out[0]) and np.isnan(out[4]) and out[8] == 0.0 and out[6] == 0.0
-    np.testing.assert_allclose(out[5], full[:, 1].var(ddof=1), rtol=1e-5)
-    assert out[9] == 1.0
-    # An overflowing channel: var NaN there only.
-    sums, full = group_sums(rng, 2, (2, 2), 0.5, np.full(2, 0.5))
-    sums[3] = np.inf  # S2 of channel 1
-    out = finalized(finalize, sums, FINALIZE_PARAMS)
-    assert np.isnan(out[5]) and out[9] == 1.0
-    np.testing.assert_allclose(out[4], full[:, 0].var(ddof=1), rtol=1e-5)
+def test_combine_moments_all_ranks_empty(kernels, implementation):
+    """N = 0: no code, the step does not count, m2_part NaN, so invstd and the unbiased
+    variance are non-finite (the state does not move)."""
+    group = simulated_ranks(np.random.default_rng(2), 4, (0, 0), 0.0)
+    combine, finalize_kernel = combine_implementation(kernels, implementation)
+    step = protocol_step(combine, finalize_kernel, group)
+    for outs in step["ranks"]:
+        m2_part, _, count, count_less_one, code, increment = outs
+        np.testing.assert_array_equal(np.concatenate([count, count_less_one, code, increment]),
+                                      [0.0, -1.0, 0.0, 0.0])
+        assert np.isnan(m2_part).all(), m2_part
+    assert not np.isfinite(step["var"]).any() and not np.isfinite(step["invstd"]).any()
 
 
-def test_finalize_stats_cpu_kernel_and_composite_agree(kernels):
-    """The two forms give the same statistics (to float32 roundings: the kernel works in double,
-    the composite in float32) and the same code, count, flags and NaN channels."""
+# (ranks' rows, plane, channel slots of the ranks or None, the code): the steps that stop
+STOPPED = [
+    ((1, 0), 1, None, GUARD_SINGLE_VALUE),  # the group holds one value per channel
+    ((0, 1, 0), 1, None, GUARD_SINGLE_VALUE),
+    ((3, 2), 4, [5, 6], GUARD_CHANNELS_DIFFER),  # a rank's layer has 6 channels
+    ((1, 0), 1, [5, 4], GUARD_CHANNELS_DIFFER),  # both checks fail: the channels' code wins
+    ((0, 0), 4, [5, 7], GUARD_CHANNELS_DIFFER),  # ... also over an empty group
+]
+
+
+def stopped_group(ranks_rows, plane, rank_channels):
+    rng = np.random.default_rng(seed("stopped", ranks_rows, plane))
+    return simulated_ranks(rng, 5, ranks_rows, 1.5, plane=plane, rank_channels=rank_channels)
+
+
+@pytest.mark.parametrize("ranks_rows, plane, rank_channels, code", STOPPED, ids=str)
+def test_composite_combine_moments_poisons_a_stopped_step(ranks_rows, plane, rank_channels, code):
+    group = stopped_group(ranks_rows, plane, rank_channels)
+    composite = CompositeCombineMoments()
+    for rank in range(group["world"]):
+        m2_part, _, _, _, got_code, increment = combine_on_rank(composite, group, rank)
+        np.testing.assert_array_equal(np.concatenate([got_code, increment]), [code, 0.0])
+        assert not np.isfinite(m2_part).any(), (rank, m2_part)
+        invstd, var = finalize(CompositeFinalizeMoments(), m2_part, [2.0], [1.0])
+        assert not np.isfinite(var).any() and not np.isfinite(invstd).any()
+
+
+@pytest.mark.parametrize("ranks_rows, plane, rank_channels, code", STOPPED, ids=str)
+def test_combine_moments_raises_naming_the_layer_and_saying_what_the_code_means(
+        kernels, ranks_rows, plane, rank_channels, code, capfd):
+    group = stopped_group(ranks_rows, plane, rank_channels)
+    where = "'net.block.bn' SyncBatchNorm(num_features=5) on process group 'g' of 2 ranks"
+    with pytest.raises(RuntimeError) as info:
+        combine_on_rank(kernels.combine_moments, group, 0, where)
+    message = f"ms_syncbn SyncBatchNorm error {int(code)} in layer {where}: {GUARD_MEANINGS[code]}."
+    assert message == guard_message(code, where)
+    assert message in str(info.value), str(info.value)
+    assert message in capfd.readouterr().err
+
+
+def test_combine_moments_without_text_gives_the_code_and_where_its_meaning_is(kernels):
+    group = stopped_group((3, 2), 4, [5, 6])
+    with pytest.raises(RuntimeError, match=r"SyncBatchNorm error 3: see ms_syncbn\.kernels\.GUARD_MEANINGS"):
+        combine_on_rank(kernels.combine_moments, group, 0, text=np.zeros(0, np.float32))
+
+
+def test_combine_and_finalize_moments_cpu_kernel_and_composite_agree(kernels):
+    """The two forms give the same float32 values to a few ulps (the same formula, maybe
+    contracted differently) and the same counts, code, increment and NaN channels."""
     rng = np.random.default_rng(59)
-    composite = CompositeFinalizeStats()
+    composite, composite_finalize = CompositeCombineMoments(), CompositeFinalizeMoments()
     for trial in range(24):
         channels = int(rng.integers(1, 40))
         ranks_rows = tuple(int(r) for r in rng.integers(0, 5, int(rng.integers(1, 4))))
-        loc = float(rng.normal(0.0, 5.0))
-        shift = (loc + rng.normal(0.0, 0.5, channels)).astype(np.float32).astype(np.float64)
-        sums, _ = group_sums(rng, channels, ranks_rows, loc, shift)
-        if trial % 4 == 1:
-            sums[int(rng.integers(0, 2 * channels))] = np.nan
-        if trial % 4 == 2:
-            sums[-1] += 1.0  # the ranks disagree on num_features
-        params = (float(len(ranks_rows)),) + FINALIZE_PARAMS[1:]
-        got = finalized(kernels.finalize_stats, sums, params)
-        want = finalized(composite, sums, params)
-        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=str(trial))
-        np.testing.assert_allclose(got[:3 * channels], want[:3 * channels], rtol=2e-5, atol=1e-5,
-                                   err_msg=str(trial))
-        np.testing.assert_array_equal(got[3 * channels:], want[3 * channels:], err_msg=str(trial))
+        if sum(ranks_rows) == 1:
+            ranks_rows += (2,)
+        group = simulated_ranks(rng, channels, ranks_rows, float(rng.normal(0.0, 50.0)),
+                                plane=int(rng.integers(1, 6)))
+        if trial % 4 == 1 and group["reduced"][-2] > 0:  # a NaN in some rank's data
+            rank = int(np.argmax(ranks_rows))
+            group["local"][rank][0][int(rng.integers(0, channels))] = np.nan
+        got = protocol_step(kernels.combine_moments, kernels.finalize_moments, group)
+        want = protocol_step(composite, composite_finalize, group)
+        pairs = [(g, w) for g_outs, w_outs in zip(got["ranks"], want["ranks"])
+                 for g, w in zip(g_outs, w_outs)] + [(got["invstd"], want["invstd"]),
+                                                    (got["var"], want["var"])]
+        for index, (a, b) in enumerate(pairs):
+            np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=f"{trial} {index}")
+            np.testing.assert_allclose(a, b, rtol=4 * 2.0 ** -23, atol=0, err_msg=f"{trial} {index}")
 
 
-def test_finalize_stats_rejects_a_malformed_call(kernels):
-    with pytest.raises(RuntimeError, match=r"is 1\b"):  # 3C+1 sums: the channel slot is missing
-        kernels.finalize_stats(ms.Tensor(np.ones(7, np.float32)),
-                               ms.Tensor(np.array(FINALIZE_PARAMS, np.float32)))[0].asnumpy()
+def test_combine_moments_rejects_a_malformed_call(kernels):
+    group = simulated_ranks(np.random.default_rng(1), 3, (2, 2), 0.0)
+    group["reduced"] = group["reduced"][:-1]  # C+4: a check slot is missing
+    with pytest.raises(RuntimeError, match=r"error 1: malformed call of the CombineMoments kernel"):
+        combine_on_rank(kernels.combine_moments, group, 0)
+
+
+def test_finalize_moments_rejects_a_malformed_call(kernels):
+    with pytest.raises(RuntimeError, match=r"error 1: malformed call of the FinalizeMoments kernel"):
+        kernels.finalize_moments(ms.Tensor(np.ones(3, np.float32)),
+                                 ms.Tensor([4.0, 4.0], ms.float32),  # count of length 2
+                                 ms.Tensor([3.0], ms.float32), ms.Tensor([EPS], ms.float32))[0].asnumpy()
 
 
 # -------------------------------------------------------------------------- fingerprint --
