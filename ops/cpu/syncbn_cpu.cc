@@ -883,9 +883,14 @@ void shifted_sums(const T *x, const std::vector<typename Lanes<T>::CT> &k, doubl
 // the subtraction loses about d^2 / var of the precision of the sums, so a channel
 // with d^2 > kRecentreRatio * var (+ a tolerance for a constant channel) is summed
 // again around K = its mean (a second pass over x, taken inside the kernel: no
-// branch in the caller's graph). A NaN or Inf in a channel gives NaN/Inf there.
+// branch in the caller's graph). A hint so far off that the first pass's mean is
+// itself inaccurate (|K - mean| beyond ~1e6 standard deviations) needs more such
+// passes, each ~2^-20 closer, and a hint so far off that the shifted sums overflow
+// float32 (|K| > ~1e19) a pass around 0 first; kMaxPasses bounds them. A NaN or Inf
+// in a channel gives a NaN variance there (and a non-finite mean).
 constexpr double kRecentreRatio = 64.0;          // 8 standard deviations: ~6 bits
 constexpr double kRecentreMeanTolerance = 0x1p-20;  // of |mean|, for var = 0
+constexpr int kMaxPasses = 6;  // 1, or 2 for a hint off by > 8 std: more only for absurd hints
 template <typename T>
 void local_moments(const T *x, const float *shift, float *mean, float *var, NCS v) {
   typedef typename Lanes<T>::CT CT;
@@ -900,7 +905,7 @@ void local_moments(const T *x, const float *shift, float *mean, float *var, NCS 
   std::vector<CT> k(C);
   for (int64_t c = 0; c < C; ++c) k[c] = static_cast<CT>(std::isfinite(shift[c]) ? shift[c] : 0.0f);
   bool again = true;
-  for (int pass = 0; pass < 2 && again; ++pass) {
+  for (int pass = 0; pass < kMaxPasses && again; ++pass) {
     shifted_sums<T>(x, k, sums.data(), v);
     again = false;
     for (int64_t c = 0; c < C; ++c) {
@@ -908,8 +913,16 @@ void local_moments(const T *x, const float *shift, float *mean, float *var, NCS 
       const double m = static_cast<double>(k[c]) + d;
       const double vb = std::max(sums[C + c] / n - d * d, 0.0);  // rounding; NaN stays NaN
       const double tol = kRecentreMeanTolerance * m;
-      if (pass == 0 && d * d > kRecentreRatio * vb + tol * tol) {
-        k[c] = static_cast<CT>(m);  // NaN/Inf channels: d*d is not > anything: kept
+      CT next = k[c];
+      if (!std::isfinite(m)) {
+        // The sums around K overflowed, or the data are not finite: then the sums
+        // around 0 are not finite either, and the pass after keeps K = 0.
+        next = static_cast<CT>(0);
+      } else if (!std::isfinite(vb) || d * d > kRecentreRatio * vb + tol * tol) {
+        next = static_cast<CT>(m);  // the squares overflowed, or K is too far off
+      }
+      if (next != k[c]) {
+        k[c] = next;
         again = true;
       }
       mean[c] = static_cast<float>(m);
