@@ -251,6 +251,23 @@ def test_local_moments_large_mean_whatever_the_hint(kernels, dtype, hint):
     np.testing.assert_allclose(mean, true_mean, rtol=1e-6)
 
 
+@pytest.mark.parametrize("hint", [1e8, 1e10, -1e12, 1e20, -3e38, float(np.finfo(np.float32).max)],
+                         ids=str)
+@pytest.mark.parametrize("loc", [0.5, 1.0e4])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_local_moments_any_finite_hint_works(kernels, dtype, loc, hint):
+    """"Any finite value works": a hint so far off that one re-centred pass is not enough (the
+    first pass's mean is itself off by ~|hint| 2^-24 * sqrt(n), > 8 std), or that the shifted
+    sums overflow float32, still gives the mean and variance of float64."""
+    rng = np.random.default_rng(seed("hint", dtype, loc, hint))
+    x, x64 = make_input(rng, (16, 3, 50), dtype, loc=loc, scale=1.0)
+    true_mean, true_var = x64.mean(axis=(0, 2)), x64.var(axis=(0, 2))
+    mean, var = (o.asnumpy().astype(np.float64) for o in
+                 kernels.local_moments(x, ms.Tensor(np.full(3, hint, np.float32))))
+    np.testing.assert_allclose(var, true_var, rtol=2e-5)
+    np.testing.assert_allclose(mean, true_mean, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
 def test_local_moments_empty_batch_is_all_zeros(kernels, shape, dtype):
