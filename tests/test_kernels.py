@@ -12,6 +12,11 @@ kernel's own arithmetic:
 * element-wise outputs: float32 arithmetic, then rounding to the output dtype
   -> error below ``ELEM_RTOL * (sum of |partial terms|) + store_rtol * |ref|``.
 
+The moments protocol's per-channel kernels (combine_moments, finalize_moments)
+run on simulated ranks, the C++ kernel and the composite alike, against a
+NumPy statement of their contract and the float64 statistics of the group's
+data; the C++ kernel raises a stopped step's error, the composite poisons it.
+
 Also here: the graph-mode path, every compiled instruction set (AVX-512,
 AVX2, baseline; selected with MS_SYNCBN_CPU_ISA in a subprocess that calls
 the library through ctypes), and the size of the collective payloads, which
