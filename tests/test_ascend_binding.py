@@ -213,10 +213,8 @@ class _Entry(nn.Cell):
         self.entry = entry
 
     def construct(self, x, dy, c, sums, count):
-        if self.entry == "local_stats":
-            out = self.kernel(x, c)
-        elif self.entry == "local_moments":
-            out = self.kernel(x)[1]  # (mean, var): var comes out of the last kernel
+        if self.entry == "local_moments":
+            out = self.kernel(x, c)[1]  # (mean, var): var comes out of the last kernel
         elif self.entry == "normalize":
             out = self.kernel(x, c, c, c, c)
         elif self.entry == "backward_reduce":
@@ -226,7 +224,7 @@ class _Entry(nn.Cell):
         return out
 
 
-ENTRIES = {"local_stats": ms.float32, "local_moments": ms.float32, "normalize": None,
+ENTRIES = {"local_moments": ms.float32, "normalize": None,
            "backward_reduce": ms.float32, "backward_elemt": None}  # None: the dtype of x
 
 
@@ -287,9 +285,8 @@ def test_ascend_table_never_reads_unwritten_outputs_of_an_empty_batch(pynative_c
     c = ms.Tensor(np.ones(C, np.float32))
     for sums in table.backward_reduce(x, x, c, c):
         np.testing.assert_array_equal(sums.asnumpy(), np.zeros(C))
-    for moment in table.local_moments(x):
+    for moment in table.local_moments(x, c):
         np.testing.assert_array_equal(moment.asnumpy(), np.zeros(C))
-    np.testing.assert_array_equal(table.local_stats(x, c).asnumpy(), np.zeros(3 * C + 1))
 
 
 def _large_mean_batch():

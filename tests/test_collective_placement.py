@@ -1,4 +1,4 @@
-"""The backward collectives of a compiled step share one kernel graph: what keeps their order.
+"""The collectives of a compiled step share one kernel graph: what keeps their order.
 
 MindSpore 2.10's graph scheduler chains the communication kernels of a kernel graph with
 control arrows in that graph's execution order (GraphScheduler::LinkControlArrowByCommunicationNode,
@@ -11,8 +11,8 @@ layers in 4 of 5 and 5 of 6 runs of tests/workers/repro_graph_parallel_branches.
 Known issues); this test fails on both layouts. It keeps them from coming back: one process
 compiles a residual block with SyncBatchNorms on parallel
 branches (tests/workers/backward_collective_placement.py: a stand-in collective where the
-AllReduce kernels go) and the backward's stand-ins must all sit in the one kernel graph that
-holds the backward kernels. The chain itself, on real ranks, is what
+AllReduce kernels go) and the stand-ins, forward and backward, must all sit in the one kernel
+graph that holds the backward kernels. The chain itself, on real ranks, is what
 tests/workers/stress_parallel_branches.py --check-order reads.
 """
 import os
@@ -45,7 +45,8 @@ def test_backward_collectives_in_one_kernel_graph(tmp_path):
     assert err < 1e-5, done.stdout  # the stand-in step is a real batch-norm step
     counts = kernel_graph_counts(ir_dir)
     backward = {name: c for name, c in counts.items() if c[1] > 0}
-    # Every layer's backward (backward_elemt) and its collective in a single kernel graph.
-    assert list(backward.values()) == [(LAYERS, LAYERS)], counts
-    # The forward's collectives: one per layer, and one more in each layer's re-centring branch.
+    # Every layer's backward (backward_elemt) and every collective of the step in a single kernel
+    # graph: two per layer in the forward (the moments protocol, no branch to cut the graph) and
+    # one per layer in the backward.
+    assert list(backward.values()) == [(3 * LAYERS, LAYERS)], counts
     assert sum(c[0] for c in counts.values()) == 3 * LAYERS, counts

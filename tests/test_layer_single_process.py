@@ -372,7 +372,7 @@ def test_eps_and_momentum_set_after_construction_take_effect(execution, table, m
     mint.nn.SyncBatchNorm and torch, every call reads them. Set before the first call they hold
     in every mode; in PyNative a change between calls holds from the next call (a graph
     compiled around the layer keeps the values it was compiled with). Both tables: the CPU
-    one passes eps to finalize_stats, the Ascend one (moments protocol) to its own rsqrt.
+    one passes eps to its FinalizeMoments kernel, the Ascend one to the composite's rsqrt.
     Against the float64 reference; eps 0.5 and 0.05 against variances in [0.25, 4], so a
     value not taken moves y by percents."""
     if table == "emulated_ascend":

@@ -992,7 +992,7 @@ void normalize(const T *x, const float *mean, const float *invstd, const float *
 //   out grad_weight (C,)       f32  sum_dy_xmu * invstd    (float32 product of the two
 //                                                          float32 values)
 //   out grad_bias   (C,)       f32  sum_dy                 (a copy)
-// One pass over dy and x; an empty batch yields zeros. The weight and bias
+// One pass over dy and x; an empty batch yields zeros (all four outputs). The weight and bias
 // gradients are the local ones (data parallelism sums them over the ranks).
 template <typename T>
 void backward_reduce(const T *dy, const T *x, const float *mean, const float *invstd,
@@ -1033,7 +1033,8 @@ void backward_reduce(const T *dy, const T *x, const float *mean, const float *in
     const float sum_dy_xmu = static_cast<float>(sums[C + c]);
     sum_dy_out[c] = sum_dy;
     sum_dy_xmu_out[c] = sum_dy_xmu;
-    grad_weight_out[c] = sum_dy_xmu * invstd[c];
+    // An empty batch gives zeros whatever invstd is (NaN when the whole group is empty).
+    grad_weight_out[c] = v.n == 0 || S == 0 ? 0.0f : sum_dy_xmu * invstd[c];
     grad_bias_out[c] = sum_dy;
   }
 }

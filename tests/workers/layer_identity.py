@@ -90,14 +90,20 @@ class SwappedBackward(nn.Cell):
         self.eps_a, self.eps_b = pair.bn_a._eps_tensor, pair.bn_b._eps_tensor
         self.b_first = b_first
 
-    def _dout(self, dy, out):  # the upstream gradients of the function's 6 outputs
+    def _dout(self, dy, out):  # the upstream gradients of the function's 7 outputs
         return (dy, ops.zeros_like(out[1]), ops.zeros_like(out[2]), ops.zeros_like(out[3]),
-                ops.zeros_like(out[4]), ops.zeros_like(out[5]))
+                ops.zeros_like(out[4]), ops.zeros_like(out[5]), ops.zeros_like(out[6]))
 
     def construct(self, x, dy):
-        xb = x * x
+        # Pinned by data: A's forward, then B's, then the backward passes. The ranks' graphs
+        # differ (their backward order), and a compiled step orders what data does not by the
+        # graph's structure: unpinned, a rank could issue a forward collective where another
+        # issues a backward one, or swap the forwards too (which pairs the layers consistently,
+        # leaving no mis-pairing for the check to find).
         out_a = self.fa(x, self.wa, self.ba, self.shift_a, self.eps_a)
+        xb = ops.depend(x * x, out_a[2])
         out_b = self.fb(xb, self.wb, self.bb, self.shift_b, self.eps_b)
+        dy = ops.depend(dy, out_b[2])
         # The upstream gradient of the second backward waits for the first one's dx: the
         # second all-reduce's payload depends on the first all-reduce's result.
         if self.b_first:
