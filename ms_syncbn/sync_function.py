@@ -100,7 +100,6 @@ class SyncBatchNormFunction(Float32Cell):
         # module docstring) to catch collectives of two layers paired with each other
         # (a compiled step orders them only where data or the graph's structure does: README,
         # Known issues; control flow around a layer can separate them).
-        self.checks_pairing = all_reduce is not None
         self.fingerprint_modulus = Tensor(
             [float(min(FINGERPRINT_MODULUS, (2 ** 24 - 1) // max(group_size, 1)))], ms.float32)
         self.guard_text = Tensor(guard_text("(unnamed)"))
@@ -157,7 +156,7 @@ class SyncBatchNormFunction(Float32Cell):
         count = x.size // channels  # n_i: a constant of the compiled graph for a static shape
         local_mean, local_var = self.local_moments(x, shift)  # (C,), (C,)
         if not self.synchronized:
-            return self._local_stats(local_mean, local_var, count, eps)
+            return self._ungrouped_stats(local_mean, local_var, count, eps)
         # (No float(): on an int unknown until run time, a graph compiled for dynamic shapes
         # makes it a ScalarCast, which MindSpore 2.10 announces as deprecated on the console.)
         n = ops.scalar_to_tensor(count, ms.float32).reshape((1,))
@@ -178,7 +177,7 @@ class SyncBatchNormFunction(Float32Cell):
                                                  group_count_less_one, eps)
         return mean, invstd, unbiased, group_count, code, increment
 
-    def _local_stats(self, local_mean, local_var, count, eps):
+    def _ungrouped_stats(self, local_mean, local_var, count, eps):
         """No group: the local moments are the statistics (n values per channel); the same outputs
         as _group_stats. One value per channel is caught from the shape before any
         kernel runs; an empty batch leaves the state unchanged. No branch on n (a run-time
@@ -201,7 +200,7 @@ class SyncBatchNormFunction(Float32Cell):
         # did, in the emulated-Ascend tier: tests/test_ascend_emulated.py).
         sum_dy, sum_dy_xmu, grad_weight, grad_bias = self.backward_reduce(
             dy, x, ops.depend(mean, invstd), invstd)
-        if self.checks_pairing:
+        if self.synchronized:
             # (C,), (C,), (1,) -> (2C+1,) with the layer's fingerprint in the last slot
             tag = self.fingerprint(invstd, self.fingerprint_modulus)
             reduced = self.all_reduce(ops.cat((sum_dy, sum_dy_xmu, tag)))
@@ -211,9 +210,6 @@ class SyncBatchNormFunction(Float32Cell):
             # through or stops the step (CPU: raises; Ascend: NaN, and so dx).
             group_dy = self.check_pairing(group_dy, reduced_tag, tag, self.group_size_value,
                                           self.mispaired_code, self.guard_text)
-        elif self.synchronized:
-            group_dy, group_dy_xmu = self.split(self.all_reduce(ops.cat((sum_dy, sum_dy_xmu))),
-                                                (channels, channels))
         else:
             group_dy, group_dy_xmu = sum_dy, sum_dy_xmu
         dx = self.backward_elemt(dy, x, mean, invstd, weight, group_dy, group_dy_xmu, count)
